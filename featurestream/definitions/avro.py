@@ -53,3 +53,12 @@ def fields_from_avro(schema: Any) -> tuple[list[dict[str, Any]], str | None]:
     # Nested or union-typed fields cannot feed aggregations; they are left out, not refused.
     why = None if derived else "the Avro record has no field of a supported type"
     return derived, why
+
+
+def yaml_nulls_to_avro(schema: Any) -> Any:
+    """YAML reads an unquoted ``null`` in ``type: [null, double]`` as None; Avro means "null"."""
+    if isinstance(schema, dict):
+        return {k: ("null" if k == "type" and v is None else yaml_nulls_to_avro(v)) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return ["null" if item is None else yaml_nulls_to_avro(item) for item in schema]
+    return schema

@@ -15,7 +15,7 @@ from typing import Any
 import fastavro
 from pydantic import BaseModel, ValidationError
 
-from featurestream.definitions.avro import fields_from_avro
+from featurestream.definitions.avro import fields_from_avro, yaml_nulls_to_avro
 from featurestream.definitions.errors import DefinitionError, Problem
 from featurestream.definitions.models import SECTIONS, Project, ProjectDefinition
 from featurestream.definitions.validate import cross_check
@@ -66,8 +66,12 @@ def _label(section: str, raw: Any, index: int) -> str:
 
 def _pydantic_problems(exc: ValidationError, origin: Origin, label: str, raw: Any) -> list[Problem]:
     problems = []
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    item_errors = {tuple(e["loc"][:i]) for e in errors for i, part in enumerate(e["loc"]) if isinstance(part, int)}
+    for error in errors:
         loc = tuple(error["loc"])
+        if error["type"] == "too_short" and loc in item_errors:
+            continue  # pydantic's echo of a list whose items all failed; the item errors say why
         file, line = origin.locate(loc)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
@@ -101,9 +105,9 @@ def _inline_avro(raw: dict[str, Any], document: YamlDocument, path: PathKey) -> 
             line = document.line_of((*path, "avro_schema_file"))
             problems.append(Problem(str(document.path), line, "avro_schema_file", f"cannot read {schema_path}: {exc}"))
             return problems
-    schema = raw.get("avro_schema")
-    if schema is None:
+    if raw.get("avro_schema") is None:
         return problems
+    schema = raw["avro_schema"] = yaml_nulls_to_avro(raw["avro_schema"])
     try:
         fastavro.parse_schema(schema)
     except Exception as exc:  # fastavro raises several unrelated types for bad schemas
@@ -165,6 +169,7 @@ def _read_files(directory: Path) -> tuple[list[YamlDocument], list[Problem]]:
 def load_project(directory: Path) -> ProjectDefinition:
     """Read, validate and cross-check every YAML file under ``directory``; raise ``DefinitionError``."""
     documents, problems = _read_files(Path(directory))
+    unreadable = bool(problems)
     projects: list[tuple[Project, Origin]] = []
     objects: dict[str, list[tuple[BaseModel, Origin]]] = {section: [] for section in SECTIONS}
     failed_names: set[str] = set()
@@ -209,7 +214,7 @@ def load_project(directory: Path) -> ProjectDefinition:
                     elif isinstance(raw, dict) and isinstance(raw.get("name"), str):
                         failed_names.add(raw["name"])
 
-    if not projects:
+    if not projects and not unreadable:  # an unreadable file may be the one declaring it
         problems.append(Problem(str(directory), None, "project", "no file declares the project (a top-level 'project' mapping with a name)"))
     for _, origin in projects[1:]:
         file, line = origin.locate(())

@@ -7,6 +7,7 @@ name file and line; it never stops at the first problem.
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 from featurestream.definitions.avro import avro_field_type, avro_record_fields
 from featurestream.definitions.models import (
     SECTIONS,
