@@ -145,6 +145,9 @@ class EventDecoder:
         return payload
 
     def _parse_avro(self, raw: bytes) -> dict[str, Any]:
+        schema = self._avro_schema
+        if schema is None:
+            raise InvalidEvent("source has no Avro schema")
         # The Confluent wire format prefixes a zero byte and a 4-byte schema id; a bare record may
         # also start with a zero byte, so accept whichever reading consumes the message exactly.
         candidates = [raw[5:], raw] if len(raw) > 5 and raw[0] == 0 else [raw]
@@ -152,7 +155,7 @@ class EventDecoder:
         for body in candidates:
             buffer = io.BytesIO(body)
             try:
-                record = fastavro.schemaless_reader(buffer, self._avro_schema, None)
+                record = fastavro.schemaless_reader(buffer, schema, None)
             except (EOFError, ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 continue
