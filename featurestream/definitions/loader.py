@@ -22,6 +22,9 @@ from featurestream.definitions.validate import cross_check
 from featurestream.definitions.yaml_source import PathKey, YamlDocument, YamlReadError, read_yaml
 
 TOP_LEVEL_KEYS = ("project", *SECTIONS)
+# Objects whose refused list items can be left out for the cross-object checks. Sources and
+# entities are not: a source without a refused field would make every view on it complain.
+SALVAGEABLE = ("feature_views", "feature_services", "consumers")
 MAX_FILES = 500
 
 
@@ -73,15 +76,32 @@ def _pydantic_problems(exc: ValidationError, origin: Origin, label: str, raw: An
         if error["type"] == "too_short" and loc in item_errors:
             continue  # pydantic's echo of a list whose items all failed; the item errors say why
         file, line = origin.locate(loc)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        elif error["type"].startswith("union_tag"):
-            message = error["msg"].replace("Input tag", "window type")
-        problems.append(Problem(file, line, _dotted(label, _visible(loc, origin), raw), message))
+        visible = _visible(loc, origin)
+        if error["type"] == "missing" and loc and loc[-1] not in visible:
+            visible = (*visible, loc[-1])  # name the missing key, though the file lacks it
+        problems.append(Problem(file, line, _dotted(label, visible, raw), _friendly(error)))
     return problems
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "union_tag_invalid": "window type must be sliding, tumbling or hopping",
+    "union_tag_not_found": "a window mapping needs 'type' (sliding, tumbling or hopping)",
+}
+
+
+def _friendly(error: Any) -> str:
+    kind = error["type"]
+    if kind in _FRIENDLY:
+        return _FRIENDLY[kind]
+    if kind == "string_pattern_mismatch":
+        pattern = error.get("ctx", {}).get("pattern", "")
+        if pattern.startswith("^[a-z][a-z0-9_]"):
+            return "a name must start with a lower-case letter and hold only a-z, 0-9 and _ (at most 63)"
+        if pattern.startswith("^[A-Za-z0-9._-]"):
+            return "a topic name holds only letters, digits, '.', '_' and '-'"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def _visible(loc: tuple[str | int, ...], origin: Origin) -> tuple[str | int, ...]:
@@ -96,6 +116,8 @@ def _visible(loc: tuple[str | int, ...], origin: Origin) -> tuple[str | int, ...
 def _inline_avro(raw: dict[str, Any], document: YamlDocument, path: PathKey) -> list[Problem]:
     """Resolve ``avro_schema_file`` relative to its YAML file, check the schema, derive fields."""
     problems: list[Problem] = []
+    if raw.get("avro_schema") is not None and raw.get("avro_schema_file") is not None:
+        return problems  # the model refuses both at once, with its own message
     file_name = raw.pop("avro_schema_file", None)
     if file_name is not None:
         schema_path = (document.path.parent / str(file_name)).resolve()
@@ -152,7 +174,13 @@ def _salvage(model: type[BaseModel], raw: Any, exc: ValidationError, origin: Ori
 def _read_files(directory: Path) -> tuple[list[YamlDocument], list[Problem]]:
     if not directory.is_dir():
         raise DefinitionError([Problem(str(directory), None, "", "not a directory")])
-    paths = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    paths = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in (".yaml", ".yml")
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
     if not paths:
         raise DefinitionError([Problem(str(directory), None, "", "no .yaml or .yml files found")])
     if len(paths) > MAX_FILES:
@@ -172,7 +200,7 @@ def load_project(directory: Path) -> ProjectDefinition:
     unreadable = bool(problems)
     projects: list[tuple[Project, Origin]] = []
     objects: dict[str, list[tuple[BaseModel, Origin]]] = {section: [] for section in SECTIONS}
-    failed_names: set[str] = set()
+    invalid: dict[str, set[str]] = {}
 
     for document in documents:
         data = document.data
@@ -208,11 +236,18 @@ def load_project(directory: Path) -> ProjectDefinition:
                     objects[section].append((model.model_validate(raw), origin))
                 except ValidationError as exc:
                     problems += _pydantic_problems(exc, origin, label, raw)
-                    salvaged = _salvage(model, raw, exc, origin)
+                    salvaged = _salvage(model, raw, exc, origin) if section in SALVAGEABLE else None
+                    name = raw.get("name") if isinstance(raw, dict) else None
                     if salvaged is not None:
                         objects[section].append(salvaged)
-                    elif isinstance(raw, dict) and isinstance(raw.get("name"), str):
-                        failed_names.add(raw["name"])
+                        if section == "feature_views":
+                            kept = {f.name for f in salvaged[0].features}  # type: ignore[attr-defined]
+                            dropped = {item.get("name") for item in raw.get("features", []) if isinstance(item, dict)}
+                            invalid.setdefault("feature_views:features", set()).update(
+                                f"{name}:{feature}" for feature in dropped - kept if isinstance(feature, str)
+                            )
+                    elif isinstance(name, str):
+                        invalid.setdefault(section, set()).add(name)
 
     if not projects and not unreadable:  # an unreadable file may be the one declaring it
         problems.append(Problem(str(directory), None, "project", "no file declares the project (a top-level 'project' mapping with a name)"))
@@ -227,7 +262,9 @@ def load_project(directory: Path) -> ProjectDefinition:
         {"project": project, **{section: [obj for obj, _ in objs] for section, objs in objects.items()}}
     )
     origins = {section: [origin for _, origin in objs] for section, objs in objects.items()}
-    for section, index, rel, message in cross_check(definition, frozenset(failed_names)):
+    # With a file unreadable, its objects are unknown: references to them would all look dangling.
+    cross = [] if unreadable else cross_check(definition, {k: frozenset(v) for k, v in invalid.items()})
+    for section, index, rel, message in cross:
         origin = origins[section][index]
         rel = origin.original(rel)
         file, line = origin.locate(rel)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from featurestream.definitions.types import Duration, JoinKeyType, Name, Pii, ValueType
+from featurestream.definitions.types import Duration, JoinKeyType, Name, Pii, ValueType, format_duration
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
@@ -135,6 +135,8 @@ def _window_shorthand(value: Any) -> Any:
     """``window: 1h`` means a sliding window of one hour."""
     if isinstance(value, str | int | float | timedelta) and not isinstance(value, bool):
         return {"type": "sliding", "duration": value}
+    if isinstance(value, dict) and "type" not in value and "duration" in value:
+        return {"type": "sliding", **value}
     return value
 
 
@@ -200,6 +202,8 @@ class Source(_Documented):
 
     @model_validator(mode="after")
     def _format_has_schema(self) -> Source:
+        if self.avro_schema is not None and self.avro_schema_file:
+            raise ValueError("give avro_schema or avro_schema_file, not both")
         if self.format == "avro" and self.avro_schema is None:
             raise ValueError("an avro source needs avro_schema (inline) or avro_schema_file")
         if self.format == "json" and (self.avro_schema is not None or self.avro_schema_file):
@@ -235,6 +239,10 @@ class Condition(_Model):
     def _list_for_membership(self) -> Condition:
         if self.op in ("in", "not_in") and not isinstance(self.value, list):
             raise ValueError(f"op '{self.op}' needs a list value")
+        if self.op in ("in", "not_in") and not self.value:
+            raise ValueError(f"op '{self.op}' needs at least one value")
+        if self.value is None or (isinstance(self.value, list) and None in self.value):
+            raise ValueError("null never matches a condition (events lack the field or it is null); leave the condition out")
         return self
 
 
@@ -268,6 +276,30 @@ class FeatureView(_Documented):
     filter: tuple[Condition, ...] = ()
     online_ttl: Duration | None = None
     """How long Redis keeps an entity's values after its last event; default: the longest window + 1d."""
+
+    @model_validator(mode="after")
+    def _ttl_covers_windows(self) -> FeatureView:
+        if self.online_ttl is None:
+            return self
+        if self.online_ttl < MINUTE:
+            raise ValueError("online_ttl must be at least 1m")
+        longest = self.longest_window
+        if longest is not None and self.online_ttl < longest:
+            raise ValueError(f"online_ttl must be at least the longest window of the view ({format_duration(longest)})")
+        return self
+
+    @property
+    def longest_window(self) -> timedelta | None:
+        spans = [f.window.span for f in self.features if f.window is not None]
+        return max(spans) if spans else None
+
+    @property
+    def effective_online_ttl(self) -> timedelta | None:
+        """online_ttl, else the longest window + 1d; None (no expiry) for lifetime-only views."""
+        if self.online_ttl is not None:
+            return self.online_ttl
+        longest = self.longest_window
+        return longest + DAY if longest is not None else None
 
     def feature(self, name: str) -> Feature | None:
         return next((f for f in self.features if f.name == name), None)

@@ -19,8 +19,18 @@ from featurestream.definitions.models import (
     natural_output_type,
     output_type_allowed,
 )
+from featurestream.definitions.types import parse_timestamp
 
 CrossProblem = tuple[str, int, tuple[str | int, ...], str]
+Invalid = dict[str, frozenset[str]]
+"""Names refused on their own, per section; 'feature_views:features' holds 'view:feature'."""
+_TIME_FORMAT_CLASHES = {
+    ("string", "epoch_millis"),
+    ("string", "epoch_seconds"),
+    ("int64", "iso8601"),
+}
+_VALUE_AGGREGATIONS = ("first", "last", "min", "max")
+_PII_RANK = {"none": 0, "personal": 1, "sensitive": 2}
 EVENT_TIME_TYPES = ("timestamp", "int64", "string")
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -29,6 +39,19 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "bool": (bool,),
     "timestamp": (str, int),
 }
+
+
+def _is_json_type(value: object, value_type: str) -> bool:
+    if isinstance(value, bool) != (value_type == "bool"):
+        return False
+    if not isinstance(value, _JSON_TYPES[value_type]):
+        return False
+    if value_type == "timestamp":
+        try:
+            parse_timestamp(value)
+        except ValueError:
+            return False
+    return True
 
 
 def _duplicates(definition: ProjectDefinition) -> Iterator[CrossProblem]:
@@ -70,6 +93,12 @@ def _check_source(index: int, source: Source) -> Iterator[CrossProblem]:
         yield "sources", index, ("event_time_field",), f"the event-time field must be timestamp, int64 (epoch) or string (ISO-8601), not {time_field.type}"
     elif not time_field.required:
         yield "sources", index, ("event_time_field",), "the event-time field must be required"
+    elif (time_field.type, source.event_time_format) in _TIME_FORMAT_CLASHES:
+        yield "sources", index, ("event_time_format",), f"{source.event_time_format} cannot be read from a {time_field.type} field"
+    for position, field in enumerate(source.fields):
+        for value in field.allowed or ():
+            if not _is_json_type(value, field.type):
+                yield "sources", index, ("fields", position, "allowed"), f"allowed value {value!r} is not a {field.type}"
     if source.format != "avro" or source.avro_schema is None:
         return
     avro_fields = avro_record_fields(source.avro_schema)
@@ -92,23 +121,21 @@ def _check_condition(view_index: int, position: int, condition: Condition, sourc
         yield "feature_views", view_index, (*where, "field"), f"source '{source.name}' has no field '{condition.field}'"
         return
     values = condition.value if isinstance(condition.value, list) else [condition.value]
-    expected = _JSON_TYPES[field.type]
     for value in values:
-        if value is None and condition.op in ("eq", "ne"):
-            continue
-        if not isinstance(value, expected) or (isinstance(value, bool) and field.type != "bool"):
+        if not _is_json_type(value, field.type):
             yield "feature_views", view_index, (*where, "value"), f"{value!r} is not a {field.type} like field '{field.name}'"
     if condition.op in ("lt", "le", "gt", "ge") and field.type == "bool":
         yield "feature_views", view_index, (*where, "op"), f"'{condition.op}' cannot compare bool field '{field.name}'"
 
 
-def _check_view(index: int, view: FeatureView, definition: ProjectDefinition) -> Iterator[CrossProblem]:
+def _check_view(index: int, view: FeatureView, definition: ProjectDefinition, invalid: Invalid) -> Iterator[CrossProblem]:
     entity = definition.entity(view.entity)
     source = definition.source(view.source)
-    if entity is None:
+    if entity is None and view.entity not in invalid.get("entities", ()):
         yield "feature_views", index, ("entity",), f"no entity named '{view.entity}'"
     if source is None:
-        yield "feature_views", index, ("source",), f"no source named '{view.source}'"
+        if view.source not in invalid.get("sources", ()):
+            yield "feature_views", index, ("source",), f"no source named '{view.source}'"
         return
     if entity is not None:
         for key in entity.join_keys:
@@ -132,6 +159,8 @@ def _check_view(index: int, view: FeatureView, definition: ProjectDefinition) ->
                 accepted = ", ".join(sorted(accepted_input_types(feature.aggregation)))
                 yield "feature_views", index, (*where, "field"), f"{feature.aggregation} cannot take {input_type} field '{field.name}' (it takes {accepted})"
                 continue
+            if feature.aggregation in _VALUE_AGGREGATIONS and _PII_RANK[feature.pii] < _PII_RANK[field.pii]:
+                yield "feature_views", index, (*where, "pii"), f"{feature.aggregation} returns values of field '{field.name}', which is pii {field.pii}; declare pii: {field.pii} (or stricter)"
         natural = natural_output_type(feature.aggregation, input_type)
         if feature.dtype is not None and not output_type_allowed(natural, feature.dtype):
             yield "feature_views", index, (*where, "dtype"), f"{feature.aggregation} of {input_type or 'events'} gives {natural}, not {feature.dtype}"
@@ -139,33 +168,32 @@ def _check_view(index: int, view: FeatureView, definition: ProjectDefinition) ->
             yield "feature_views", index, (*where, "max_age"), "max_age must be positive"
 
 
-def _check_refs(section: str, index: int, key: str, refs: tuple[str, ...], definition: ProjectDefinition) -> Iterator[CrossProblem]:
+def _check_refs(section: str, index: int, key: str, refs: tuple[str, ...], definition: ProjectDefinition, invalid: Invalid) -> Iterator[CrossProblem]:
     for position, ref in enumerate(refs):
         view_name, _, feature_name = ref.partition(":")
         view = definition.feature_view(view_name)
         if view is None:
-            yield section, index, (key, position), f"no feature view named '{view_name}'"
-        elif feature_name and view.feature(feature_name) is None:
+            if view_name not in invalid.get("feature_views", ()):
+                yield section, index, (key, position), f"no feature view named '{view_name}'"
+        elif feature_name and view.feature(feature_name) is None and ref not in invalid.get("feature_views:features", ()):
             yield section, index, (key, position), f"feature view '{view_name}' has no feature '{feature_name}'"
 
 
-def cross_check(definition: ProjectDefinition, invalid_names: frozenset[str] = frozenset()) -> list[CrossProblem]:
-    """Problems across objects; references to ``invalid_names`` (objects refused on their own) are skipped."""
+def cross_check(definition: ProjectDefinition, invalid: Invalid | None = None) -> list[CrossProblem]:
+    """Problems across objects; references to ``invalid`` objects (refused on their own, and
+    already reported) are not reported again."""
+    invalid = invalid or {}
     problems: list[CrossProblem] = list(_duplicates(definition))
     for index, source in enumerate(definition.sources):
         problems += _check_source(index, source)
     for index, view in enumerate(definition.feature_views):
-        problems += _check_view(index, view, definition)
+        problems += _check_view(index, view, definition, invalid)
     for index, service in enumerate(definition.feature_services):
-        problems += _check_refs("feature_services", index, "features", service.features, definition)
+        problems += _check_refs("feature_services", index, "features", service.features, definition, invalid)
     for index, consumer in enumerate(definition.consumers):
-        problems += _check_refs("consumers", index, "features", consumer.features, definition)
+        problems += _check_refs("consumers", index, "features", consumer.features, definition, invalid)
         for position, name in enumerate(consumer.feature_services):
-            if definition.feature_service(name) is None:
+            if definition.feature_service(name) is None and name not in invalid.get("feature_services", ()):
                 problems.append(("consumers", index, ("feature_services", position), f"no feature service named '{name}'"))
-    return [p for p in problems if not _refers_to(p[3], invalid_names)]
-
-
-def _refers_to(message: str, names: frozenset[str]) -> bool:
-    return message.startswith("no ") and any(message.endswith(f"named '{name}'") for name in names)
+    return problems
 

@@ -19,6 +19,7 @@ from typing import Any
 import fastavro
 
 from featurestream.definitions.models import Source, SourceField
+from featurestream.definitions.types import parse_timestamp
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_EVENT_BYTES = 1024 * 1024
@@ -36,33 +37,10 @@ class InvalidEvent(Exception):
 
 
 def parse_timestamp_ms(value: Any, field: str, time_format: str = "auto") -> int:
-    """ISO-8601 text (UTC if it names no zone) or epoch milliseconds (or seconds) -> epoch ms."""
-    if isinstance(value, bool):
-        raise InvalidEvent(f"field '{field}': expected a timestamp, got a bool", field)
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return round(moment.timestamp() * 1000)
-    if isinstance(value, int | float) and time_format in ("auto", "epoch_millis", "epoch_seconds"):
-        if not math.isfinite(value):
-            raise InvalidEvent(f"field '{field}': timestamp is not a finite number", field)
-        return round(value * 1000) if time_format == "epoch_seconds" else round(value)
-    if isinstance(value, str) and time_format in ("auto", "iso8601"):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise InvalidEvent(f"field '{field}': {value[:40]!r} is not an ISO-8601 timestamp", field) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return round(moment.timestamp() * 1000)
-    expected = {"iso8601": "an ISO-8601 string", "epoch_millis": "epoch milliseconds", "epoch_seconds": "epoch seconds"}
-    raise InvalidEvent(
-        f"field '{field}': expected {expected.get(time_format, 'an ISO-8601 string or epoch milliseconds')}, "
-        f"got {type(value).__name__}",
-        field,
-    )
+    try:
+        return parse_timestamp(value, time_format)
+    except ValueError as exc:
+        raise InvalidEvent(f"field '{field}': {exc}", field) from None
 
 
 def _check_field(spec: SourceField, value: Any, time_format: str) -> Any:

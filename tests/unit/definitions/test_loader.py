@@ -137,8 +137,12 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         ("{type: hopping, size: 1h, hop: 7m}", "whole multiple of hop"),
         ("{type: hopping, size: 2d, hop: 1m}", "at most 1440"),
         ("{type: tumbling, size: 30s}", "whole number of minutes"),
-        ("{type: rolling, size: 1h}", "window type 'rolling'"),
+        ("{type: rolling, size: 1h}", "window type must be sliding, tumbling or hopping"),
         ("soon", "expected a duration"),
+        ("3600", "expected a duration with a unit"),
+        ("1:00:00", "expected a duration with a unit"),
+        ("99999999999d", "longer than the longest duration"),
+        (".inf", "expected a duration"),
     ],
 )
 def test_windows_that_cannot_be_computed(tmp_path: Path, window: str, expected: str) -> None:
@@ -226,6 +230,10 @@ sources:
   - name: b
     topic: b
     event_time_field: when
+    fields: [{name: ts, type: timestamp}]
+  - name: b2
+    topic: b2
+    event_time_field: ts
     fields: [{name: ts, type: timestamp}, {name: n, type: string, min: 3}]
   - name: c
     topic: c
@@ -234,10 +242,10 @@ sources:
 """
     problems = problems_of(write(tmp_path, **{"p.yaml": text}))
     by_field = {p.field: p.message for p in problems}
-    assert "should match pattern" in by_field["sources[a].topic"]
+    assert "a topic name holds only" in by_field["sources[a].topic"]
     assert "must be timestamp, int64" in by_field["sources[a2].event_time_field"]
     assert "'when' is not one of the source's fields" in by_field["sources[b].event_time_field"]
-    assert "min/max apply to int64 or float64" in by_field["sources[b].fields[n]"]
+    assert "min/max apply to int64 or float64" in by_field["sources[b2].fields[n]"]
     assert "must declare its fields" in by_field["sources[c]"]
 
 
@@ -354,3 +362,84 @@ def test_unsafe_tags_are_refused(tmp_path: Path) -> None:
 def test_rendered_error_lists_everything() -> None:
     error = DefinitionError([Problem("b.yaml", 3, "x", "bad"), Problem("a.yaml", 9, "y", "worse")])
     assert error.render().splitlines() == ["2 problems in the definitions:", "  a.yaml:9: y: worse", "  b.yaml:3: x: bad"]
+
+
+def test_missing_key_is_named(tmp_path: Path) -> None:
+    features = "- {name: a, window: 1h}\n"
+    [problem] = problems_of(write(tmp_path, **{"p.yaml": BASE + view(features)}))
+    assert (problem.field, problem.message) == ("feature_views[v].features[a].aggregation", "required key is missing")
+
+
+def test_bad_names_get_a_plain_message(tmp_path: Path) -> None:
+    [problem] = problems_of(write(tmp_path, **{"p.yaml": BASE + view("- {name: Bad-Name, aggregation: count}\n")}))
+    assert "must start with a lower-case letter" in problem.message
+
+
+def test_online_ttl_must_cover_the_windows(tmp_path: Path) -> None:
+    features = "- {name: a, aggregation: count, window: 1h}\n"
+    [problem] = problems_of(write(tmp_path, **{"p.yaml": BASE + view(features, "online_ttl: 30m\n")}))
+    assert problem.message == "online_ttl must be at least the longest window of the view (1h)"
+    definition = load_project(write(tmp_path, **{"p.yaml": BASE + view(features)}))
+    assert definition.feature_views[0].effective_online_ttl == timedelta(hours=25)
+
+
+def test_filter_values_and_source_consistency(tmp_path: Path) -> None:
+    text = BASE.replace("{name: shop, type: string}", "{name: shop, type: string, allowed: [a, 3]}")
+    extra = """
+    filter:
+      - {field: ts, op: gt, value: yesterday}
+      - {field: shop, op: eq, value: null}
+      - {field: shop, op: in, value: []}
+    """
+    problems = problems_of(write(tmp_path, **{"p.yaml": text + view("- {name: a, aggregation: count}\n", extra)}))
+    messages = sorted(p.message for p in problems)
+    assert any("'yesterday' is not a timestamp" in m for m in messages)
+    assert any("null never matches" in m for m in messages)
+    assert any("needs at least one value" in m for m in messages)
+    assert any("allowed value 3 is not a string" in m for m in messages)
+    assert len(messages) == 4
+
+
+def test_avro_schema_given_twice_or_on_json(tmp_path: Path) -> None:
+    (tmp_path / "x.avsc").write_text('{"type": "record", "name": "X", "fields": [{"name": "ts", "type": "long"}]}')
+    text = """
+project: {name: shop}
+sources:
+  - {name: a, topic: a, event_time_field: ts, avro_schema_file: x.avsc, fields: [{name: ts, type: int64}]}
+  - {name: b, topic: b, format: avro, event_time_field: ts, avro_schema_file: x.avsc, avro_schema: {type: record, name: Y, fields: []}}
+"""
+    problems = problems_of(write(tmp_path, **{"p.yaml": text}))
+    assert sorted(p.message for p in problems) == [
+        "avro_schema only applies to format: avro",
+        "give avro_schema or avro_schema_file, not both",
+    ]
+
+
+def test_time_format_must_fit_the_field(tmp_path: Path) -> None:
+    text = BASE.replace("{name: ts, type: timestamp}", "{name: ts, type: string}").replace(
+        "    event_time_field: ts\n", "    event_time_field: ts\n    event_time_format: epoch_millis\n", 1
+    )
+    [problem] = problems_of(write(tmp_path, **{"p.yaml": text}))
+    assert problem.message == "epoch_millis cannot be read from a string field"
+
+
+def test_value_features_inherit_pii(tmp_path: Path) -> None:
+    text = BASE.replace("{name: shop, type: string}", "{name: shop, type: string, pii: sensitive}")
+    features = "- {name: a, aggregation: last, field: shop, pii: personal}\n- {name: b, aggregation: approx_count_distinct, field: shop}\n"
+    [problem] = problems_of(write(tmp_path, **{"p.yaml": text + view(features)}))
+    assert problem.field == "feature_views[v].features[a].pii"
+    assert "declare pii: sensitive" in problem.message
+
+
+def test_one_bad_source_field_gives_one_problem(tmp_path: Path) -> None:
+    text = BASE.replace("{name: shop, type: string}", "{name: shop, type: text}")
+    features = "- {name: a, aggregation: last, field: shop}\n- {name: b, aggregation: sum, field: amount}\n"
+    problems = problems_of(write(tmp_path, **{"p.yaml": text + view(features)}))
+    assert [(p.field, p.line) for p in problems] == [("sources[orders].fields[shop].type", 14)]
+
+
+def test_hidden_directories_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / ".github").mkdir()
+    (tmp_path / ".github" / "ci.yml").write_text("jobs: {}\n")
+    (tmp_path / "P.YAML").write_text(BASE)
+    assert load_project(tmp_path).project.name == "shop"
