@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from featurestream.cli.app import app
-
 # Importing a module registers its commands.
-from featurestream.cli import dev_cmds  # noqa: F401,E402  (registers 'dev')
+from featurestream.cli import (
+    catalog_cmds,  # noqa: F401  (list, describe, search, lineage, impact, docs-coverage)
+    demo_cmds,  # noqa: F401  (registers 'produce-demo')
+    dev_cmds,  # noqa: F401  (registers 'dev')
+    registry_cmds,  # noqa: F401  (plan, apply, retire, history, export-definitions)
+)
+from featurestream.cli.app import app
 
 
 def main() -> None:
