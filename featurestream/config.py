@@ -61,13 +61,32 @@ def _from_dev_state() -> ServiceAddresses:
     return ServiceAddresses.model_validate(data.get("addresses", {}))
 
 
-def resolve_addresses() -> ServiceAddresses:
+def _layers() -> list[tuple[str, ServiceAddresses]]:
+    """Each source of addresses with a label for messages, highest precedence first."""
     env = ServiceAddresses(
         kafka_bootstrap=os.environ.get(ENV_KAFKA) or None,
         redis_url=os.environ.get(ENV_REDIS) or None,
         postgres_url=os.environ.get(ENV_POSTGRES) or None,
     )
-    layers = [env, _from_config_file(), _from_dev_state()]
+    config_file = Path(os.environ.get(ENV_CONFIG, "featurestream.yaml"))
+    return [
+        ("environment", env),
+        (str(config_file), _from_config_file()),
+        (f"dev stack ({dev_state_path()})", _from_dev_state()),
+    ]
+
+
+def address_sources() -> dict[str, str | None]:
+    """Where each address comes from (``"environment"``, a config file path, the dev stack), or None."""
+    layers = _layers()
+    return {
+        field: next((label for label, layer in layers if getattr(layer, field)), None)
+        for field in ServiceAddresses.model_fields
+    }
+
+
+def resolve_addresses() -> ServiceAddresses:
+    layers = [layer for _, layer in _layers()]
     merged: dict[str, str | None] = {}
     for field in ServiceAddresses.model_fields:
         merged[field] = next((getattr(layer, field) for layer in layers if getattr(layer, field)), None)
@@ -75,8 +94,8 @@ def resolve_addresses() -> ServiceAddresses:
 
 
 def require(name: str) -> str:
-    """The address of one service (``kafka_bootstrap``, ``redis_url`` or ``postgres_url``), or a clear error."""
-    value = getattr(resolve_addresses(), name)
+    """The address of one service (``kafka_bootstrap``, ``redis_url``, ``postgres_url``) or a clear error."""
+    value: str | None = getattr(resolve_addresses(), name)
     if not value:
         env = {"kafka_bootstrap": ENV_KAFKA, "redis_url": ENV_REDIS, "postgres_url": ENV_POSTGRES}[name]
         raise MissingServiceError(
