@@ -1,0 +1,169 @@
+"""The online store in Redis: one hash per (feature view version, entity).
+
+Layout (docs/storage.md has the full spec)::
+
+    key    fs:{project}:{view}:v{version}:{entity}
+    fields {p}:h              header of partition p's sub-state (head start, horizons, raw head events)
+           {p}:t:{size}:{start} one tile row of partition p's sub-state
+           {p}:o              "{last applied offset}:{newest event time ms}" of partition p
+
+Each source partition owns its own sub-state, so workers that share a consumer group never
+write the same fields; a read merges the sub-states. The offset field is written in the same
+HSET as the state it describes, so a replayed event (offset <= the stored one) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import redis
+
+from featurestream.aggregation.state import ViewState
+from featurestream.aggregation.view import ViewAggregator
+from featurestream.aggregation.windows import TileKey
+
+EntityKey = tuple[Any, ...]
+
+
+def entity_part(key: EntityKey) -> str:
+    """``u1`` for one join key; a JSON list for several (unambiguous, still readable)."""
+    return str(key[0]) if len(key) == 1 else json.dumps(list(key), separators=(",", ":"))
+
+
+def redis_key(project: str, view: str, version: int, key: EntityKey) -> str:
+    return f"fs:{project}:{view}:v{version}:{entity_part(key)}"
+
+
+@dataclass(slots=True)
+class PartitionState:
+    """One source partition's share of an entity's state, with what was applied to it."""
+
+    state: ViewState
+    offset: int = -1
+    newest_ms: int | None = None
+
+
+@dataclass(slots=True)
+class EntityWrite:
+    """What one batch changed in one partition sub-state of one entity."""
+
+    key: EntityKey
+    partition: int
+    sub: PartitionState
+    touched: set[TileKey] = field(default_factory=set)
+    removed: list[TileKey] = field(default_factory=list)
+    header_changed: bool = True
+
+
+def _tile_field(partition: int, tile: TileKey) -> bytes:
+    return b"%d:t:%d:%d" % (partition, tile.size_ms, tile.start_ms)
+
+
+def parse_fields(agg: ViewAggregator, fields: dict[bytes, bytes]) -> dict[int, PartitionState]:
+    """A hash's fields -> the sub-state of each partition."""
+    headers: dict[int, bytes] = {}
+    tiles: dict[int, list[tuple[TileKey, bytes]]] = {}
+    offsets: dict[int, tuple[int, int | None]] = {}
+    for name, value in fields.items():
+        partition_text, _, rest = name.partition(b":")
+        partition = int(partition_text)
+        if rest == b"h":
+            headers[partition] = value
+        elif rest == b"o":
+            offset_text, _, newest_text = value.partition(b":")
+            offsets[partition] = (int(offset_text), int(newest_text) if newest_text else None)
+        elif rest.startswith(b"t:"):
+            size, _, start = rest[2:].partition(b":")
+            tiles.setdefault(partition, []).append((TileKey(int(size), int(start)), value))
+    out: dict[int, PartitionState] = {}
+    for partition, header in headers.items():
+        state = agg.decode_parts(header, tiles.get(partition, ()))
+        applied, newest = offsets.get(partition, (-1, None))
+        out[partition] = PartitionState(state, applied, newest)
+    return out
+
+
+class RedisOnlineStore:
+    """Reads and writes the per-entity aggregation state of feature view versions."""
+
+    def __init__(self, url: str, project: str, *, socket_timeout: float = 1.0) -> None:
+        self.project = project
+        self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+
+    def key(self, view: str, version: int, entity: EntityKey) -> str:
+        return redis_key(self.project, view, version, entity)
+
+    def load(
+        self, view: str, version: int, agg: ViewAggregator, entities: Sequence[EntityKey]
+    ) -> list[dict[int, PartitionState]]:
+        """The sub-states of each entity, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for entity in entities:
+            pipe.hgetall(self.key(view, version, entity))
+        return [parse_fields(agg, fields) for fields in pipe.execute()]
+
+    def write(
+        self, view: str, version: int, agg: ViewAggregator, writes: Iterable[EntityWrite], ttl: timedelta | None
+    ) -> None:
+        """All changes of a batch in one pipelined round trip; one atomic HSET per entity."""
+        pipe = self.client.pipeline(transaction=False)
+        ttl_ms = int(ttl.total_seconds() * 1000) if ttl is not None else None
+        count = 0
+        for w in writes:
+            key = self.key(view, version, w.key)
+            p = w.partition
+            mapping: dict[bytes, bytes] = {
+                b"%d:o" % p: b"%d:%d" % (w.sub.offset, w.sub.newest_ms if w.sub.newest_ms is not None else 0)
+            }
+            if w.header_changed:
+                mapping[b"%d:h" % p] = agg.encode_header(w.sub.state)
+            for tile in w.touched:
+                if tile not in w.removed:
+                    mapping[_tile_field(p, tile)] = agg.encode_tile(w.sub.state, tile)
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            if w.removed:
+                pipe.hdel(key, *[_tile_field(p, tile) for tile in w.removed])
+            if ttl_ms is not None:
+                pipe.pexpire(key, ttl_ms)
+            count += 1
+        if count:
+            pipe.execute()
+
+    def replace(
+        self, view: str, version: int, agg: ViewAggregator, entity: EntityKey, subs: dict[int, PartitionState],
+        ttl: timedelta | None,
+    ) -> None:
+        """Rewrite an entity's whole hash (materialize from history)."""
+        key = self.key(view, version, entity)
+        mapping: dict[bytes, bytes] = {}
+        for p, sub in subs.items():
+            mapping[b"%d:o" % p] = b"%d:%d" % (sub.offset, sub.newest_ms or 0)
+            mapping[b"%d:h" % p] = agg.encode_header(sub.state)
+            for tile in agg.tile_keys(sub.state):
+                mapping[_tile_field(p, tile)] = agg.encode_tile(sub.state, tile)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(key)
+        if mapping:
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            if ttl is not None:
+                pipe.pexpire(key, int(ttl.total_seconds() * 1000))
+        pipe.execute()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def merged_state(agg: ViewAggregator, subs: dict[int, PartitionState]) -> tuple[ViewState, int | None]:
+    """One state from an entity's partition sub-states, and its newest event time."""
+    parts = list(subs.values())
+    if not parts:
+        return agg.new_state(), None
+    state = agg.decode_state(agg.encode_state(parts[0].state)) if len(parts) > 1 else parts[0].state
+    for sub in parts[1:]:
+        agg.merge(state, sub.state)
+    newest = max((s.newest_ms for s in parts if s.newest_ms is not None), default=None)
+    return state, newest
