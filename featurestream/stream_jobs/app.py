@@ -96,6 +96,12 @@ def build_app(
         for processor in processors:
             processor.cache.forget_partitions({tp.partition for tp in revoked if tp.topic == processor.source.topic})
 
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _report(sender: Any, assigned: set[TP], **_: Any) -> None:
+        for processor in processors:
+            mine = sorted(tp.partition for tp in assigned if tp.topic == processor.source.topic)
+            log.info("assigned %s partitions %s", processor.source.topic, ",".join(map(str, mine)) or "none")
+
     return app
 
 

@@ -1,0 +1,3 @@
+from featurestream.cli import main
+
+main()
