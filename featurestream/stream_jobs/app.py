@@ -22,7 +22,7 @@ from featurestream.definitions.models import FeatureView, ProjectDefinition, Sou
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
 from featurestream.stream_jobs import metrics
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
+from featurestream.stream_jobs.processor import BatchResult, Record, SourceProcessor, ViewRuntime
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _add_agent(
                 for e in events
             ]
             with metrics.BATCH_SECONDS.labels(**labels).time():
-                result = await loop.run_in_executor(executor, processor.process, records)
+                result = await _process_until_done(loop, executor, processor, records)
                 for dead in result.dead_letters:
                     await dead_letters.send(
                         key=None,
@@ -144,4 +144,24 @@ def _add_agent(
                 metrics.LAG_SECONDS.labels(**labels).set(max(0.0, time.time() - result.newest_event_ms / 1000))
 
     app.agent(topic, name=f"featurestream.source.{source.name}")(consume)
+
+
+async def _process_until_done(
+    loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, processor: SourceProcessor, records: list[Record]
+) -> BatchResult:
+    """Retry a batch until the stores take it: nothing is acknowledged before, and a retry of an
+    idempotent batch is harmless. A store that is down (a restart) stalls the stream, not loses it."""
+    delay = 0.1
+    while True:
+        try:
+            return await loop.run_in_executor(executor, processor.process, records)
+        except Exception as exc:  # any store failure; the batch itself is valid or dead-lettered
+            metrics.SINK_FAILURES.labels(source=processor.source.name).inc()
+            log.warning("batch of %d records failed (%s: %s); retrying in %.1fs", len(records), type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                await loop.run_in_executor(executor, processor.recover)
+            except Exception as again:
+                log.warning("reconnect failed (%s); retrying", again)
 

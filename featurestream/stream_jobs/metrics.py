@@ -15,6 +15,7 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 BATCH_SIZE = Histogram("featurestream_batch_events", "Records per batch", ["source"], buckets=(1, 10, 100, 500, 1000, 2000, 5000))
+SINK_FAILURES = Counter("featurestream_sink_failures_total", "Batches that failed to reach Redis or PostgreSQL (retried)", ["source"])
 LAG_SECONDS = Gauge("featurestream_event_lag_seconds", "Wall clock minus the newest event time of the last batch", ["source"])
 
 

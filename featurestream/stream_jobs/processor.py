@@ -98,6 +98,9 @@ class StateCache:
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
 
+    def clear(self) -> None:
+        self._items.clear()
+
     def forget_partitions(self, partitions: set[int]) -> None:
         """After a rebalance another worker may have written these partitions' states."""
         for key in [k for k in self._items if k[3] in partitions]:
@@ -127,6 +130,12 @@ class SourceProcessor:
         offline.ensure_source(source, sorted({v.key_fields for v in self.views}))
         for runtime in self.views:
             offline.ensure_view(runtime.view, runtime.version, runtime.key_fields, runtime.dtypes(source))
+
+    def recover(self) -> None:
+        """After a failed batch: its folds may be in the cache but not in the stores, so drop the
+        cache (states reload from Redis, where offsets say what was applied) and reconnect."""
+        self.cache.clear()
+        self.offline.reconnect()
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         result = BatchResult()

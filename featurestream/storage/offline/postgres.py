@@ -36,6 +36,7 @@ def _ms(moment: datetime) -> int:
 
 class PostgresOfflineStore:
     def __init__(self, url: str, *, use_timescale: bool | None = None) -> None:
+        self._url = url
         self._conn = psycopg.connect(url, autocommit=True)
         if use_timescale is None:
             use_timescale = timescale_available(self._conn)
@@ -49,6 +50,14 @@ class PostgresOfflineStore:
     @property
     def connection(self) -> psycopg.Connection:
         return self._conn
+
+    def reconnect(self) -> None:
+        """A new connection after a failure (a PostgreSQL restart, say); tables stay as they are."""
+        try:
+            self._conn.close()
+        except psycopg.Error:
+            pass
+        self._conn = psycopg.connect(self._url, autocommit=True)
 
     # ------------------------------------------------------------ raw event archive
 
