@@ -246,6 +246,29 @@ class Condition(_Model):
         return self
 
 
+class ValueCheck(_Model):
+    """What a served value must satisfy; one that does not is served with status INVALID."""
+
+    min: float | None = None
+    max: float | None = None
+    allowed: tuple[JsonValue, ...] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ValueCheck:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is greater than max")
+        return self
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if self.min is not None and value < self.min:
+            return False
+        if self.max is not None and value > self.max:
+            return False
+        return self.allowed is None or value in self.allowed
+
+
 class Feature(_Documented):
     name: Name
     aggregation: Aggregation
@@ -255,6 +278,7 @@ class Feature(_Documented):
     example: JsonValue = None
     pii: Pii = "none"
     max_age: Duration | None = None
+    validation: ValueCheck | None = None
 
     @field_validator("window", mode="before")
     @classmethod

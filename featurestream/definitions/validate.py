@@ -164,6 +164,9 @@ def _check_view(index: int, view: FeatureView, definition: ProjectDefinition, in
         natural = natural_output_type(feature.aggregation, input_type)
         if feature.dtype is not None and not output_type_allowed(natural, feature.dtype):
             yield "feature_views", index, (*where, "dtype"), f"{feature.aggregation} of {input_type or 'events'} gives {natural}, not {feature.dtype}"
+        check = feature.validation
+        if check is not None and (check.min is not None or check.max is not None) and natural not in ("int64", "float64") and feature.dtype not in ("int64", "float64"):
+            yield "feature_views", index, (*where, "validation"), f"min/max apply to numeric features, not {feature.dtype or natural}"
         if feature.max_age is not None and feature.max_age.total_seconds() <= 0:
             yield "feature_views", index, (*where, "max_age"), "max_age must be positive"
 
