@@ -1,0 +1,107 @@
+"""The serving layer on real Redis: values, statuses, decay, limits, errors, Redis down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from featurestream.serving.refs import ServingError
+from featurestream.serving.service import OnlineService, ServingLimits
+from tests.integration.serving.conftest import MIN, T0, ServingProject
+
+
+def service(shop: ServingProject, at_ms: int, **kwargs: object) -> OnlineService:
+    return OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda: at_ms, **kwargs)  # type: ignore[arg-type]
+
+
+def values(rows: object) -> list[dict[str, tuple[object, str]]]:
+    return [
+        {name: (v.value, v.status) for name, v in zip(rows.feature_names, row.values, strict=True)}  # type: ignore[attr-defined]
+        for row in rows.rows  # type: ignore[attr-defined]
+    ]
+
+
+def test_values_and_statuses_at_request_time(shop: ServingProject) -> None:
+    svc = service(shop, T0 + 10 * MIN)
+    rows = svc.get_online([{"user_id": "u1"}, {"user_id": "u2"}, {"user_id": "nobody"}], ["user_orders"])
+    assert rows.feature_names == [
+        "user_orders:count_1h", "user_orders:amount_sum_1h", "user_orders:amount_mean_1h",
+        "user_orders:last_country", "user_orders:last_card",
+    ]
+    u1, u2, nobody = values(rows)
+    assert u1["user_orders:count_1h"] == (2, "PRESENT")
+    assert u1["user_orders:amount_sum_1h"] == (30.0, "PRESENT")
+    assert u1["user_orders:amount_mean_1h"] == (15.0, "PRESENT")
+    assert u1["user_orders:last_country"] == ("DE", "PRESENT")
+    assert u2["user_orders:count_1h"] == (4, "INVALID")  # validation: max 3
+    assert all(status == "MISSING" and value is None for value, status in nobody.values())
+    assert rows.rows[0].values[0].event_time_ms == T0 + 5 * MIN
+
+
+def test_windows_decay_and_values_go_stale(shop: ServingProject) -> None:
+    # 50 minutes after u1's last event: still in the hour, but older than max_age 30m.
+    later = values(service(shop, T0 + 55 * MIN).get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]
+    assert later["user_orders:count_1h"] == (2, "STALE")
+    # Two hours later the window is empty: count decays to 0, the mean to missing.
+    decayed = values(service(shop, T0 + 125 * MIN).get_online([{"user_id": "u1"}], ["user_orders"]))[0]
+    assert decayed["user_orders:count_1h"] == (0, "STALE")
+    assert decayed["user_orders:amount_mean_1h"] == (None, "MISSING")
+    assert decayed["user_orders:last_country"] == ("DE", "PRESENT")  # lifetime, no max_age
+
+
+def test_near_edge_is_exact(shop: ServingProject) -> None:
+    # u2's events are at minutes 2, 3, 4, 6: a read at minute 3 sees exactly the first two.
+    got = values(service(shop, T0 + 3 * MIN).get_online([{"user_id": "u2"}], ["user_orders:count_1h"]))[0]
+    assert got["user_orders:count_1h"] == (2, "PRESENT")
+
+
+def test_feature_service_spans_two_entities(shop: ServingProject) -> None:
+    rows = service(shop, T0 + 10 * MIN).get_online([{"user_id": "u2", "shop_id": "8"}], [], "checkout")
+    assert values(rows)[0] == {"user_orders:count_1h": (4, "INVALID"), "shop_orders:count_1h": (3, "PRESENT")}
+
+
+@pytest.mark.parametrize(
+    ("entities", "features", "message"),
+    [
+        ([{"user_id": "u1"}], ["nope:count_1h"], "unknown or retired feature view 'nope'"),
+        ([{"user_id": "u1"}], ["user_orders:nope"], "unknown feature 'nope' of view 'user_orders'"),
+        ([{"user_id": "u1"}], ["user_orders@9:count_1h"], "has no live version 9"),
+        ([{"user_id": "u1"}], ["Bad Ref"], "is not 'view', 'view:feature'"),
+        ([{"user": "u1"}], ["user_orders:count_1h"], "entity row 0: missing join key 'user_id'"),
+        ([{"shop_id": "x7"}], ["shop_orders"], "join key 'shop_id' must be an integer, got 'x7'"),
+        ([], ["user_orders"], "give at least one entity"),
+        ([{"user_id": "u"}] * 6, ["user_orders"], "6 entities in one request; the limit is 5"),
+    ],
+)
+def test_bad_requests_name_the_offending_item(shop: ServingProject, entities: list[dict[str, str]], features: list[str], message: str) -> None:
+    svc = service(shop, T0, limits=ServingLimits(max_entities=5))
+    with pytest.raises(ServingError) as info:
+        svc.get_online(entities, features)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert message in info.value.message
+
+
+def test_unknown_feature_service(shop: ServingProject) -> None:
+    with pytest.raises(ServingError, match="no feature service 'nope'") as info:
+        service(shop, T0).get_online([{"user_id": "u1"}], [], "nope")
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_cache_serves_hot_keys_until_its_ttl(shop: ServingProject) -> None:
+    now = [T0 + 10 * MIN]
+    svc = OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda: now[0], cache_ttl_ms=500)
+    before = values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]
+    shop.write([b'{"user_id": "u1", "shop_id": 7, "amount": 1, "country": "DE", "card": "c", "ts": %d}' % (T0 + 9 * MIN)], first_offset=100)
+    assert values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0] == before  # cached
+    now[0] += 501
+    assert values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]["user_orders:count_1h"] == (3, "PRESENT")
+
+
+def test_redis_down_fails_fast_with_unavailable(shop: ServingProject) -> None:
+    svc = OnlineService(lambda: shop.snapshot, "redis://127.0.0.1:1/0", clock_ms=lambda: T0)
+    started = time.monotonic()
+    with pytest.raises(ServingError) as info:
+        svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"])
+    assert info.value.code == "UNAVAILABLE"
+    assert time.monotonic() - started < 1.0
