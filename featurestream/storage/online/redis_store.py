@@ -38,6 +38,12 @@ def redis_key(project: str, view: str, version: int, key: EntityKey) -> str:
     return f"fs:{project}:{view}:v{version}:{entity_part(key)}"
 
 
+def updates_channel(project: str, view: str, version: int) -> str:
+    """Pub/sub channel announcing which entities of a view version a batch changed
+    (one message per batch: the entity parts, newline-separated)."""
+    return f"fs:{project}:updates:{view}:v{version}"
+
+
 @dataclass(slots=True)
 class PartitionState:
     """One source partition's share of an entity's state, with what was applied to it."""
@@ -113,6 +119,7 @@ class RedisOnlineStore:
         pipe = self.client.pipeline(transaction=False)
         ttl_ms = int(ttl.total_seconds() * 1000) if ttl is not None else None
         count = 0
+        changed: list[str] = []
         for w in writes:
             key = self.key(view, version, w.key)
             p = w.partition
@@ -129,8 +136,10 @@ class RedisOnlineStore:
                 pipe.hdel(key, *[_tile_field(p, tile) for tile in w.removed])
             if ttl_ms is not None:
                 pipe.pexpire(key, ttl_ms)
+            changed.append(entity_part(w.key))
             count += 1
         if count:
+            pipe.publish(updates_channel(self.project, view, version), "\n".join(changed))
             pipe.execute()
 
     def replace(
