@@ -20,6 +20,7 @@ from redis.retry import Retry
 from featurestream.aggregation.state import ViewState
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
+from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
 from featurestream.serving.refs import Catalog, FeatureRef, ServedView, ServingError, parse_entity
 from featurestream.storage.online.redis_store import merged_state, parse_fields, redis_key
 
@@ -88,8 +89,10 @@ class OnlineService:
         cache_entries: int = 100_000,
         clock_ms: Callable[[], int] | None = None,
         redis_timeout_s: float = 0.5,
+        access: AccessPolicy | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self.access: AccessPolicy = access or OpenAccess()
         self._catalog: Catalog | None = None
         self.limits = limits or ServingLimits()
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -114,12 +117,17 @@ class OnlineService:
         return self.catalog.snapshot.project
 
     def get_online(
-        self, entities: Sequence[dict[str, str]], features: Sequence[str], feature_service: str = ""
+        self,
+        entities: Sequence[dict[str, str]],
+        features: Sequence[str],
+        feature_service: str = "",
+        principal: Principal = ANONYMOUS,
     ) -> ServedRows:
         started = time.perf_counter()
         catalog = self.catalog
         refs = catalog.resolve(list(features), feature_service)
         self._check_limits(len(entities), len(refs))
+        self.access.authorize(principal, refs, "online")
         views = list({(r.served.view.name, r.served.version): r.served for r in refs}.values())
         keys = [[parse_entity(i, dict(e), served.entity) for served in views] for i, e in enumerate(entities)]
         now_ms = self.clock_ms()
@@ -132,9 +140,10 @@ class OnlineService:
                 values = served.agg.evaluate(state, now_ms) if state is not None else {}
                 evaluated[(served.view.name, served.version)] = (values, newest, state is not None)
             rows.append(ServedRow(dict(entity), now_ms, [self._status(r, evaluated, now_ms) for r in refs]))
+        served = self.access.present(principal, ServedRows([r.name for r in refs], refs, rows), "online")
         metrics.REQUEST_SECONDS.labels(method="online").observe(time.perf_counter() - started)
         metrics.VALUES.labels(method="online").inc(len(rows) * len(refs))
-        return ServedRows([r.name for r in refs], refs, rows)
+        return served
 
     def _check_limits(self, entity_count: int, feature_count: int) -> None:
         if entity_count == 0:
