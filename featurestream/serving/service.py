@@ -140,10 +140,10 @@ class OnlineService:
                 values = served.agg.evaluate(state, now_ms) if state is not None else {}
                 evaluated[(served.view.name, served.version)] = (values, newest, state is not None)
             rows.append(ServedRow(dict(entity), now_ms, [self._status(r, evaluated, now_ms) for r in refs]))
-        served = self.access.present(principal, ServedRows([r.name for r in refs], refs, rows), "online")
+        result = self.access.present(principal, ServedRows([r.name for r in refs], refs, rows), "online")
         metrics.REQUEST_SECONDS.labels(method="online").observe(time.perf_counter() - started)
         metrics.VALUES.labels(method="online").inc(len(rows) * len(refs))
-        return served
+        return result
 
     def _check_limits(self, entity_count: int, feature_count: int) -> None:
         if entity_count == 0:
