@@ -14,6 +14,7 @@ from featurestream.cli.app import app
 def worker(
     project: Annotated[str | None, typer.Option("--project", "-p", help="Project (default: the only one).")] = None,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics on this port (0: off).")] = 9108,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics server listens on.")] = "127.0.0.1",
     batch_size: Annotated[int, typer.Option(help="Most records per batch.")] = 2000,
     batch_within: Annotated[float, typer.Option(help="Longest wait to fill a batch, seconds.")] = 0.05,
     session_timeout: Annotated[float, typer.Option(help="Consumer group session timeout, seconds.")] = 30.0,
@@ -55,7 +56,7 @@ def worker(
     )
     create_topics(settings.kafka_bootstrap, {s.topic: s.partitions for s in definition.sources if s.name in runtimes})
     if metrics_port:
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     logging.basicConfig(level=log_level.upper())
     faust_app = build_app(definition, runtimes, settings)
     views = ", ".join(f"{r.view.name}@{r.version}" for rs in runtimes.values() for r in rs)
