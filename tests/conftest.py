@@ -32,12 +32,19 @@ import psutil
 import psycopg
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
 
 from featurestream.config import ENV_CONFIG, ENV_HOME, ENV_KAFKA, ENV_POSTGRES, ENV_REDIS
 from featurestream.devstack.procs import free_port
 from featurestream.devstack.services import start_kafka, start_postgres, start_redis
 from featurestream.devstack.topics import create_topics
+
+# Property tests: a quick profile for every run, a thorough one on demand
+# (HYPOTHESIS_PROFILE=thorough); speed goals live in bench/, so no deadlines here.
+hypothesis_settings.register_profile("quick", max_examples=30, deadline=None)
+hypothesis_settings.register_profile("thorough", max_examples=500, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 REDIS_TEST_DBS = range(9, 16)
 REDIS_LOCK_DB = 8
