@@ -69,6 +69,10 @@ class _StateCache:
             return None
         return item[1], item[2]
 
+    def discard(self, keys: list[str]) -> None:
+        for key in keys:
+            self._items.pop(key, None)
+
     def put(self, key: str, now_ms: int, state: ViewState | None, newest_ms: int | None) -> None:
         self._items[key] = (now_ms + self.ttl_ms, state, newest_ms)
         self._items.move_to_end(key)
@@ -217,6 +221,11 @@ class OnlineService:
         if max_age is not None and newest is not None and now_ms - newest > max_age.total_seconds() * 1000:
             return ServedValue(value, STALE, newest)
         return ServedValue(value, PRESENT, newest)
+
+    def invalidate(self, redis_keys: list[str]) -> None:
+        """Forget cached states of these keys (their entities were just written)."""
+        if self.cache is not None:
+            self.cache.discard(redis_keys)
 
     def close(self) -> None:
         self.redis.close()

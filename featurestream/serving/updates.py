@@ -157,14 +157,8 @@ class UpdateService:
             self._active.discard(subscription)
 
     def forget_cached(self, keys: list[str]) -> None:
-        """Make the online service's state cache re-read these Redis keys: an announced change
-        must not be answered with the value from before it."""
-        cache = self.online.cache
-        if cache is None:
-            return
-        expired = self.online.clock_ms() - cache.ttl_ms  # an entry that expires now is a miss
-        for key in keys:
-            cache.put(key, expired, None, None)
+        """An announced change must not be answered from the online service's state cache."""
+        self.online.invalidate(keys)
 
     def close(self) -> None:
         with self._lock:
