@@ -105,3 +105,18 @@ def test_redis_down_fails_fast_with_unavailable(shop: ServingProject) -> None:
         svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"])
     assert info.value.code == "UNAVAILABLE"
     assert time.monotonic() - started < 1.0
+
+
+def test_in_process_reader_matches_the_service(shop: ServingProject) -> None:
+    from featurestream.serving.reader import OnlineReader
+
+    reader = OnlineReader(shop.redis_url, postgres_url=shop.postgres_url, project=shop.name)
+    try:
+        got = reader.get([{"user_id": "u1"}], ["user_orders:amount_sum_1h", "user_orders:last_country"])
+        [result] = got["results"]
+        assert result["entity"] == {"user_id": "u1"}
+        assert result["features"]["user_orders:amount_sum_1h"]["value"] == 0.0  # read now: the hour has passed
+        assert result["features"]["user_orders:last_country"]["value"] == "DE"
+        assert result["features"]["user_orders:last_country"]["event_time"] == "2026-11-27T10:05:00Z"
+    finally:
+        reader.close()
