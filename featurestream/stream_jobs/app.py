@@ -18,6 +18,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from featurestream.config import featurestream_home
 from featurestream.definitions.models import FeatureView, ProjectDefinition, Source
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
@@ -60,8 +61,11 @@ def build_app(
     settings: WorkerSettings,
 ) -> faust.App:
     project = definition.project.name
+    app_id = settings.group_id or f"featurestream-{project}"
     app = faust.App(
-        settings.group_id or f"featurestream-{project}",
+        app_id,
+        # Faust keeps a data directory even with in-memory tables: not in the working directory.
+        datadir=str(featurestream_home() / "worker" / app_id),
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         value_serializer="raw",
