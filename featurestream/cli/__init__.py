@@ -8,6 +8,7 @@ from featurestream.cli import (
     demo_cmds,  # noqa: F401  (registers 'produce-demo')
     dev_cmds,  # noqa: F401  (registers 'dev')
     registry_cmds,  # noqa: F401  (plan, apply, retire, history, export-definitions)
+    serve_cmds,  # noqa: F401  (serve, get)
     token_cmds,  # noqa: F401  (token create, token list)
     worker_cmds,  # noqa: F401  (worker)
 )

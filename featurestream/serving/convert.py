@@ -1,0 +1,332 @@
+"""Python values <-> protobuf, and served rows -> the wire, kept cheap per value.
+
+The hot path is ``encode_rows``: it writes a ``featurestream.v1.FeatureRows`` message straight
+to protobuf wire bytes (the gRPC server hands them to the transport as they are). Building the
+same message through the generated classes costs about 2 us per value (a 100 x 50 response:
+~10 ms); writing the bytes costs about a fifth of that, because each value is one ``struct``
+pack between two byte strings shared by every value with the same status and event time.
+``rows_to_pb`` parses those bytes back when a message object is wanted (tests, other callers).
+
+The other direction (``rows_to_json``) is what the Python client and the CLI print:
+``{"entity": {...}, "features": {name: {"value", "status", "event_time"}}}`` per row, event
+times as ISO-8601 UTC strings ending in ``Z``, ``None`` when unknown.
+
+This module imports nothing of the server (the client uses it).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from featurestream.v1 import featurestream_pb2 as pb
+
+if TYPE_CHECKING:
+    from featurestream.serving.service import ServedRows
+
+STATUS_CODES: dict[str, int] = {"PRESENT": pb.PRESENT, "MISSING": pb.MISSING, "STALE": pb.STALE, "INVALID": pb.INVALID}
+STATUS_NAMES: dict[int, str] = {code: name for name, code in STATUS_CODES.items()}
+STATUS_NAMES[pb.FEATURE_STATUS_UNSPECIFIED] = "UNSPECIFIED"
+
+_MASK64 = (1 << 64) - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_pack_double = struct.Struct("<d").pack
+
+
+# ---------------------------------------------------------------- times
+
+
+def timestamp(ms: int) -> Timestamp:
+    """A protobuf Timestamp of epoch milliseconds."""
+    seconds, rest = divmod(ms, 1000)
+    return Timestamp(seconds=seconds, nanos=rest * 1_000_000)
+
+
+def timestamp_ms(ts: Timestamp) -> int:
+    ms: int = ts.seconds * 1000 + ts.nanos // 1_000_000
+    return ms
+
+
+def to_ms(when: datetime | int | float) -> int:
+    """Epoch milliseconds of an aware datetime (or of a number already in milliseconds)."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise ValueError(f"naive datetime {when.isoformat()}: give a timezone (UTC)")
+        return int(when.timestamp() * 1000)
+    return int(when)
+
+
+def iso_ms(ms: int) -> str:
+    """``2026-11-27T10:00:00Z``, with ``.123`` before the Z when the milliseconds are not zero."""
+    seconds, rest = divmod(ms, 1000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{rest:03d}Z" if rest else f"{text}Z"
+
+
+def iso_timestamp(ts: Timestamp) -> str:
+    """An event time: ``...:00Z``, or ``.mmm`` before the Z (finer digits only when present)."""
+    seconds, nanos = ts.seconds, ts.nanos
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    if nanos == 0:
+        return f"{text}Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    return iso_value(ts)
+
+
+def iso_value(ts: Timestamp) -> str:
+    """A timestamp value as ``datetime.isoformat`` writes it (microseconds when not zero) + ``Z``,
+    as the REST API does."""
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts.seconds))
+    micros = ts.nanos // 1000
+    return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
+
+
+# ---------------------------------------------------------------- single values
+
+
+def _micros(value: datetime) -> int:
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return (aware - _EPOCH) // _MICROSECOND
+
+
+def to_value(value: Any) -> pb.Value | None:
+    """A ``pb.Value`` of a served Python value; ``None`` stays ``None`` (the field is left unset).
+    Timestamp features are aware datetimes (naive ones are taken as UTC)."""
+    if value is None:
+        return None
+    kind = type(value)
+    if kind is bool:
+        return pb.Value(bool_value=value)
+    if kind is float:
+        return pb.Value(double_value=value)
+    if kind is int:
+        return pb.Value(int64_value=value)
+    if kind is str:
+        return pb.Value(string_value=value)
+    if isinstance(value, datetime):
+        seconds, micros = divmod(_micros(value), 1_000_000)
+        return pb.Value(timestamp_value=Timestamp(seconds=seconds, nanos=micros * 1000))
+    if isinstance(value, bool):
+        return pb.Value(bool_value=bool(value))
+    if isinstance(value, int):
+        return pb.Value(int64_value=int(value))
+    if isinstance(value, float):
+        return pb.Value(double_value=float(value))
+    return pb.Value(string_value=str(value))
+
+
+def from_value(value: pb.Value, iso: bool = True) -> Any:
+    """The Python value of a ``pb.Value`` (``None`` when unset); timestamps as ISO strings,
+    or as aware datetimes with ``iso=False``."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "timestamp_value":
+        stamp = value.timestamp_value
+        if iso:
+            return iso_value(stamp)
+        return datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=stamp.nanos // 1000)
+    return getattr(value, kind)
+
+
+# ---------------------------------------------------------------- wire encoding of FeatureRows
+
+
+def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return bytes((n,))
+    n &= _MASK64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: bytes, body: bytes) -> bytes:
+    """A length-delimited field: tag, length, body."""
+    return tag + _varint(len(body)) + body
+
+
+def _timestamp_body(seconds: int, nanos: int) -> bytes:
+    return (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+
+
+def _ms_body(ms: int) -> bytes:
+    seconds, rest = divmod(ms, 1000)
+    return _timestamp_body(seconds, rest * 1_000_000)
+
+
+def _value_field(value: Any) -> bytes:
+    """FeatureValue field 1 (a Value) for anything but a float (the fast path handles those)."""
+    kind = type(value)
+    if kind is int:
+        if 0 <= value < 0x80:
+            return bytes((0x0A, 2, 0x08, value))
+        return _field(b"\x0a", b"\x08" + _varint(value))
+    if kind is bool:
+        return b"\x0a\x02\x20\x01" if value else b"\x0a\x02\x20\x00"
+    if kind is str:
+        return _field(b"\x0a", _field(b"\x1a", value.encode()))
+    if isinstance(value, datetime):
+        seconds, micros = divmod(_micros(value), 1_000_000)
+        return _field(b"\x0a", _field(b"\x2a", _timestamp_body(seconds, micros * 1000)))
+    message = to_value(value)
+    assert message is not None
+    return _field(b"\x0a", message.SerializeToString())
+
+
+def _tail(status: str, event_time_ms: int | None) -> bytes:
+    """FeatureValue fields 2 (status) and 3 (event time): shared by many values of a response."""
+    code = STATUS_CODES[status]
+    if event_time_ms is None:
+        return bytes((0x10, code))
+    return bytes((0x10, code)) + _field(b"\x1a", _ms_body(event_time_ms))
+
+
+_NAMES_CACHE: dict[tuple[str, ...], bytes] = {}
+
+
+def _names_bytes(names: Sequence[str]) -> bytes:
+    key = tuple(names)
+    cached = _NAMES_CACHE.get(key)
+    if cached is None:
+        if len(_NAMES_CACHE) > 1024:
+            _NAMES_CACHE.clear()
+        cached = _NAMES_CACHE[key] = b"".join(_field(b"\x0a", name.encode()) for name in names)
+    return cached
+
+
+class _Shared:
+    """What every value with one (status, event time) shares: the bytes around a double, and
+    the finished FeatureValue bytes of each int and string seen with them (counts and
+    categories repeat across a response)."""
+
+    __slots__ = ("double_prefix", "ints", "missing", "strings", "tail")
+
+    def __init__(self, status: str, event_time_ms: int | None) -> None:
+        self.tail = _tail(status, event_time_ms)
+        # FeatureValue tag + length, Value tag + length (9), double tag: the packed float follows.
+        self.double_prefix = b"\x1a" + _varint(11 + len(self.tail)) + b"\x0a\x09\x11"
+        self.missing = _field(b"\x1a", self.tail)
+        self.ints: dict[int, bytes] = {}
+        self.strings: dict[str, bytes] = {}
+
+    def other(self, value: Any) -> bytes:
+        body = _value_field(value) + self.tail
+        return b"\x1a" + _varint(len(body)) + body
+
+
+def _entity_bytes(entity: dict[str, str]) -> bytes:
+    return _field(b"\x0a", b"".join(_field(b"\x0a", _field(b"\x0a", k.encode()) + _field(b"\x12", v.encode()))
+                                   for k, v in entity.items()))
+
+
+def encode_rows(rows: ServedRows) -> bytes:
+    """``rows`` as the wire bytes of a ``pb.FeatureRows`` (what the gRPC server sends)."""
+    shared: dict[tuple[str, int | None], _Shared] = {}
+    row_times: dict[int, bytes] = {}
+    out = [_names_bytes(rows.feature_names)]
+    pack = _pack_double
+    for row in rows.rows:
+        at = row_times.get(row.at_ms)
+        if at is None:
+            at = row_times[row.at_ms] = _field(b"\x12", _ms_body(row.at_ms))
+        parts = [_entity_bytes(row.entity), at]
+        append = parts.append
+        last_status: str | None = None
+        last_time: int | None = None
+        common: _Shared | None = None
+        for served in row.values:
+            status, event_time = served.status, served.event_time_ms
+            if common is None or status is not last_status or event_time != last_time:
+                key = (status, event_time)
+                common = shared.get(key)
+                if common is None:
+                    common = shared[key] = _Shared(status, event_time)
+                last_status, last_time = status, event_time
+            value = served.value
+            kind = type(value)
+            if kind is float:
+                append(common.double_prefix + pack(value) + common.tail)
+            elif kind is int:
+                encoded = common.ints.get(value)
+                if encoded is None:
+                    encoded = common.ints[value] = common.other(value)
+                append(encoded)
+            elif value is None:
+                append(common.missing)
+            elif kind is str:
+                encoded = common.strings.get(value)
+                if encoded is None:
+                    encoded = common.strings[value] = common.other(value)
+                append(encoded)
+            else:
+                append(common.other(value))
+        body = b"".join(parts)
+        out.append(b"\x12" + _varint(len(body)) + body)
+    return b"".join(out)
+
+
+def rows_to_pb(rows: ServedRows) -> pb.FeatureRows:
+    message: pb.FeatureRows = pb.FeatureRows.FromString(encode_rows(rows))
+    return message
+
+
+def identity(data: bytes) -> bytes:
+    """The response serializer of methods whose handlers return wire bytes already."""
+    return data
+
+
+# ---------------------------------------------------------------- FeatureRows -> JSON-able dicts
+
+
+def rows_to_json(message: pb.FeatureRows, with_timestamp: bool = False) -> list[dict[str, Any]]:
+    """One ``{"entity", "features"}`` dict per row (``"timestamp"`` too with ``with_timestamp``)."""
+    names = list(message.feature_names)
+    statuses = STATUS_NAMES
+    times: dict[tuple[int, int], str] = {}
+    out = []
+    for row in message.rows:
+        features: dict[str, dict[str, Any]] = {}
+        for name, fv in zip(names, row.values, strict=False):
+            value_msg = fv.value
+            kind = value_msg.WhichOneof("kind")
+            if kind is None:
+                value: Any = None
+            elif kind == "timestamp_value":
+                value = iso_value(value_msg.timestamp_value)
+            else:
+                value = getattr(value_msg, kind)
+            event_time: str | None = None
+            if fv.HasField("event_time"):
+                stamp = fv.event_time
+                tkey = (stamp.seconds, stamp.nanos)
+                event_time = times.get(tkey)
+                if event_time is None:
+                    event_time = times[tkey] = iso_timestamp(stamp)
+            features[name] = {"value": value, "status": statuses.get(fv.status, "UNSPECIFIED"), "event_time": event_time}
+        result: dict[str, Any] = {"entity": dict(row.entity.join_keys)}
+        if with_timestamp:
+            result["timestamp"] = iso_timestamp(row.timestamp) if row.HasField("timestamp") else None
+        result["features"] = features
+        out.append(result)
+    return out
+
+
+def entity_keys(entities: Sequence[pb.EntityKey]) -> list[dict[str, str]]:
+    return [dict(e.join_keys) for e in entities]
+
+
+def feature_info(info: dict[str, Any]) -> pb.FeatureInfo:
+    """A ``pb.FeatureInfo`` of a catalog dict (unknown keys ignored, ``None`` as the default)."""
+    fields = pb.FeatureInfo.DESCRIPTOR.fields_by_name
+    return pb.FeatureInfo(**{k: v for k, v in info.items() if k in fields and v is not None})
