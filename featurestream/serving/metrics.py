@@ -14,3 +14,7 @@ REQUEST_SECONDS = Histogram(
 VALUES = Counter("featurestream_served_values_total", "Feature values served", ["method"])
 CACHE = Counter("featurestream_serving_cache_total", "Entity state cache lookups", ["result"])
 REDIS_ERRORS = Counter("featurestream_serving_redis_errors_total", "Requests failed because Redis was unreachable")
+STALE_LAYOUT = Counter(
+    "featurestream_serving_old_layout_states_total",
+    "Entity states written for an older layout of their view (served as MISSING until rebuilt)",
+)

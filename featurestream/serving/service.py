@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from featurestream.aggregation.state import ViewState
+from featurestream.aggregation.state import StateLayoutError, ViewState
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
@@ -193,12 +193,14 @@ class OnlineService:
         by_view = {(v.view.name, v.version): v for v in views}
         for (ident, rkey), fields in zip(misses, replies, strict=True):
             served = by_view[(ident[0], ident[1])]
+            result: tuple[ViewState | None, int | None] = (None, None)
             if fields:
-                subs = parse_fields(served.agg, fields)
-                state, newest = merged_state(served.agg, subs)
-                result: tuple[ViewState | None, int | None] = (state, newest)
-            else:
-                result = (None, None)
+                try:
+                    result = merged_state(served.agg, parse_fields(served.agg, fields))
+                except StateLayoutError:
+                    # Written before a feature was added to the view: MISSING until the worker
+                    # rebuilds the entity from the archive (next event) or `materialize` runs.
+                    metrics.STALE_LAYOUT.inc()
             out[ident] = result
             if self.cache:
                 self.cache.put(rkey, now_ms, *result)

@@ -120,3 +120,17 @@ def test_in_process_reader_matches_the_service(shop: ServingProject) -> None:
         assert result["features"]["user_orders:last_country"]["event_time"] == "2026-11-27T10:05:00Z"
     finally:
         reader.close()
+
+
+def test_state_of_an_older_layout_is_missing_not_an_error(shop: ServingProject) -> None:
+    spec = shop.definition.model_dump(mode="json")
+    spec["feature_views"][0]["features"].append({"name": "amount_max_1h", "aggregation": "max", "field": "amount", "window": "1h"})
+    from featurestream.definitions.models import ProjectDefinition
+
+    shop.registry.apply(ProjectDefinition.model_validate(spec))
+    snapshot = shop.registry.snapshot(shop.name)
+    assert snapshot.view("user_orders").version == 1  # adding a feature keeps the version
+    svc = OnlineService(lambda: snapshot, shop.redis_url, clock_ms=lambda: T0 + 10 * MIN)
+    got = values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h", "user_orders:amount_max_1h"]))[0]
+    assert got == {"user_orders:count_1h": (None, "MISSING"), "user_orders:amount_max_1h": (None, "MISSING")}
+    assert values(svc.get_online([{"shop_id": "7"}], ["shop_orders:count_1h"]))[0] == {"shop_orders:count_1h": (3, "PRESENT")}
