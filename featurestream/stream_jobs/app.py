@@ -62,10 +62,12 @@ def build_app(
 ) -> faust.App:
     project = definition.project.name
     app_id = settings.group_id or f"featurestream-{project}"
+    datadir = featurestream_home() / "worker" / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         # Faust keeps a data directory even with in-memory tables: not in the working directory.
-        datadir=str(featurestream_home() / "worker" / app_id),
+        datadir=str(datadir),
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         value_serializer="raw",
