@@ -11,6 +11,7 @@ from featurestream.cli import (
     registry_cmds,  # noqa: F401  (plan, apply, retire, history, export-definitions)
     serve_cmds,  # noqa: F401  (serve, get)
     token_cmds,  # noqa: F401  (token create, token list)
+    training_cmds,  # noqa: F401  (training-set)
     worker_cmds,  # noqa: F401  (worker)
 )
 from featurestream.cli.app import app

@@ -6,6 +6,12 @@ Order of effects per batch, which is what makes a crash at any instant harmless:
 2. the entity states are written to Redis, each with the last offset it includes;
 3. the caller sends the dead letters, then acknowledges the records to Kafka.
 A replay skips, per entity and partition, the records at or below the stored offset.
+
+PostgreSQL work runs on a thread of its own so that the server's time overlaps this thread's
+folding and encoding: the batch's transaction opens with the archive COPY as soon as the batch
+is decoded, the history rows follow once folded, and the commit precedes the Redis pipeline,
+which is encoded meanwhile and sent only after the commit (so the order above holds). The
+transaction takes six round trips in the common case (see ``_Transaction``).
 """
 
 from __future__ import annotations
@@ -13,19 +19,31 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from operator import itemgetter
 from typing import Any
+
+import psycopg
 
 from featurestream.aggregation.view import ViewAggregator
 from featurestream.definitions.models import Entity, FeatureView, Source, natural_output_type
-from featurestream.storage.offline.base import ArchivedEvent, FeatureRow
+from featurestream.storage.offline.base import FeatureRow
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import EntityKey, EntityWrite, PartitionState, RedisOnlineStore
 from featurestream.stream_jobs.events import EventDecoder, InvalidEvent
 
-COMPACT_GRACE_MS = 5_000
-"""Head events older than now - grace move into tiles; reads at or after that stay exact."""
+COMPACT_GRACE_MS = 1_000
+"""Head events older than now - grace move into tiles; reads at or after that stay exact.
+
+The grace only has to cover how far a reader's clock may lag this worker's (a read at T before
+the head start may count events in (T, head start] of T's tile); hosts synchronised by NTP are
+milliseconds apart. It is also the cost of a hot entity: every batch re-encodes its head (the
+Redis header) and every evaluation merges it, so the head's size, rate x grace, sets the cost
+per batch. 5 s made a live stream at 10k events/s about twice as costly as 1 s
+(bench/README.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +110,10 @@ class StateCache:
             self._items.move_to_end(key)
         return item
 
+    def peek(self, key: tuple[str, int, EntityKey, int]) -> PartitionState | None:
+        """``get`` without refreshing the entry's recency."""
+        return self._items.get(key)
+
     def put(self, key: tuple[str, int, EntityKey, int], value: PartitionState) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
@@ -107,6 +129,116 @@ class StateCache:
             del self._items[key]
 
 
+def _getter(names: Sequence[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``fields -> tuple of fields[name]`` in one C call (itemgetter of one name gives no tuple)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda fields: (fields[name],)
+    if not names:
+        return lambda fields: ()
+    return itemgetter(*names)
+
+
+Valid = tuple[Record, dict[str, Any], int]
+"""A decoded record: the record, its typed fields, its event time (ms)."""
+Groups = dict[tuple[EntityKey, int], list[Valid]]
+
+
+def _group(valid: list[Valid], key_fields: tuple[str, ...]) -> Groups:
+    """The batch's records by (entity key, partition), in batch order within each group."""
+    groups: dict[tuple[Any, int], list[Valid]] = {}
+    get = groups.get
+    if len(key_fields) == 1:  # the common case: group by the bare value, make key tuples per group
+        name = key_fields[0]
+        for item in valid:
+            key = (item[1][name], item[0].partition)
+            group = get(key)
+            if group is None:
+                groups[key] = [item]
+            else:
+                group.append(item)
+        return {((value,), partition): items for (value, partition), items in groups.items()}
+    key_of = itemgetter(*key_fields) if key_fields else (lambda fields: ())
+    for item in valid:
+        key = (key_of(item[1]), item[0].partition)
+        group = get(key)
+        if group is None:
+            groups[key] = [item]
+        else:
+            group.append(item)
+    return groups
+
+
+class _Transaction:
+    """The batch's PostgreSQL transaction, opened and closed on the processor's PostgreSQL thread.
+
+    The common case takes six round trips: BEGIN, a COPY of the archive and of each view's
+    history rows straight into their tables (two each), COMMIT. If a COPY meets a row stored
+    before (a replay), the transaction is rolled back and the batch is stored again in a new one,
+    the idempotent way (``ON CONFLICT DO NOTHING``).
+    """
+
+    def __init__(self, offline: PostgresOfflineStore, source: Source) -> None:
+        self.offline = offline
+        self.source = source
+        self.tx: AbstractContextManager[Any] | None = None
+        self.replay = False
+        self.rows: list[tuple[Any, ...]] = []
+
+    def begin_with_archive(self, rows: list[tuple[Any, ...]]) -> int:
+        self.rows = rows
+        self._open()
+        try:
+            try:
+                return self.offline.archive_rows(self.source, rows, assume_new=True)
+            except psycopg.errors.UniqueViolation as exc:
+                self._restart(exc)
+                return self.offline.archive_rows(self.source, rows)
+        except BaseException as exc:
+            self.close(exc)
+            raise
+
+    def commit_with_history(self, histories: list[tuple[ViewRuntime, list[FeatureRow]]]) -> None:
+        if self.tx is None:  # the archive failed and rolled the transaction back
+            raise RuntimeError("the batch's transaction is not open")
+        try:
+            try:
+                for runtime, rows in histories:
+                    self.offline.write_feature_rows(runtime.view, runtime.version, rows, assume_new=not self.replay)
+            except psycopg.errors.UniqueViolation as exc:  # history rows stored before (a backfill, say)
+                self._restart(exc)
+                self.offline.archive_rows(self.source, self.rows)
+                for runtime, rows in histories:
+                    self.offline.write_feature_rows(runtime.view, runtime.version, rows)
+        except BaseException as exc:
+            self.close(exc)
+            raise
+        self.close(None)
+
+    def _open(self) -> None:
+        self.tx = tx = self.offline.connection.transaction()
+        tx.__enter__()
+
+    def _restart(self, exc: BaseException) -> None:
+        """Roll back after a COPY met a stored row and open a transaction for the idempotent way."""
+        self.close(exc)
+        self.offline.forget_partitions()
+        self.replay = True
+        self._open()
+
+    def close(self, exc: BaseException | None) -> None:
+        """Commit (no ``exc``) or roll back; a no-op once closed."""
+        tx, self.tx = self.tx, None
+        if tx is not None:
+            if exc is None:
+                tx.__exit__(None, None, None)
+            else:
+                try:
+                    tx.__exit__(type(exc), exc, exc.__traceback__)
+                except psycopg.Error:
+                    pass  # a broken connection; ``recover`` replaces it
+
+
 class SourceProcessor:
     def __init__(
         self,
@@ -118,6 +250,7 @@ class SourceProcessor:
         clock_ms: Callable[[], int] | None = None,
         cache_entries: int = 200_000,
         write_history: bool = True,
+        compact_grace_ms: int | None = None,
     ) -> None:
         self.source = source
         self.views = list(views)
@@ -127,9 +260,12 @@ class SourceProcessor:
         self.decoder = EventDecoder(source, clock_ms=self.clock_ms)
         self.cache = StateCache(cache_entries)
         self.write_history = write_history
+        self.compact_grace_ms = COMPACT_GRACE_MS if compact_grace_ms is None else compact_grace_ms
         offline.ensure_source(source, sorted({v.key_fields for v in self.views}))
         for runtime in self.views:
             offline.ensure_view(runtime.view, runtime.version, runtime.key_fields, runtime.dtypes(source))
+        self._archive_fields = _getter(offline.source_columns(source))
+        self._pg_thread: ThreadPoolExecutor | None = None
 
     def recover(self) -> None:
         """After a failed batch: its folds may be in the cache but not in the stores, so drop the
@@ -137,72 +273,118 @@ class SourceProcessor:
         self.cache.clear()
         self.offline.reconnect()
 
+    def close(self) -> None:
+        """Stop the PostgreSQL thread (the stores are the caller's to close)."""
+        if self._pg_thread is not None:
+            self._pg_thread.shutdown(wait=True)
+            self._pg_thread = None
+
     def process(self, records: Sequence[Record]) -> BatchResult:
         result = BatchResult()
-        valid: list[tuple[Record, dict[str, Any], int]] = []
+        now_ms = self.clock_ms()
+        decode = self.decoder.decode
+        valid: list[Valid] = []
+        append = valid.append
         for record in records:
             try:
-                fields, event_ms = self.decoder.decode(record.value)
+                fields, event_ms = decode(record.value, now_ms)
             except InvalidEvent as exc:
                 result.dead_letters.append(DeadLetter(record, exc.reason))
                 continue
-            valid.append((record, fields, event_ms))
+            append((record, fields, event_ms))
         result.valid = len(valid)
         if not valid:
             return result
         result.newest_event_ms = max(e for _, _, e in valid)
-        now_ms = self.clock_ms()
-        plans = [self._fold_view(runtime, valid, now_ms, result) for runtime in self.views]
-        archive = [ArchivedEvent(r.partition, r.offset, e, r.timestamp_ms, f) for r, f, e in valid]
-        with self.offline.connection.transaction():
-            result.archived = self.offline.archive_events(self.source, archive)
-            if self.write_history:
-                for runtime, (_, rows) in zip(self.views, plans, strict=True):
-                    self.offline.write_feature_rows(runtime.view, runtime.version, rows)
-        for runtime, (writes, _) in zip(self.views, plans, strict=True):
-            self.online.write(runtime.view.name, runtime.version, runtime.agg, writes, runtime.ttl)
+        archive_fields = self._archive_fields
+        rows = [(e, r.timestamp_ms, r.partition, r.offset, *archive_fields(f)) for r, f, e in valid]
+
+        if self._pg_thread is None:
+            self._pg_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestream-postgres")
+        pg = self._pg_thread
+        transaction = _Transaction(self.offline, self.source)
+        futures: list[Future[Any]] = [pg.submit(transaction.begin_with_archive, rows)]
+        try:
+            groupings: dict[tuple[str, ...], Groups] = {}  # views of one entity share one grouping
+            plans = []
+            for runtime in self.views:
+                key_fields = runtime.key_fields
+                groups = groupings.get(key_fields)
+                if groups is None:
+                    groups = groupings[key_fields] = _group(valid, key_fields)
+                plans.append(self._fold_view(runtime, groups, now_ms, result))
+            histories = [(rt, hist) for rt, (_, hist) in zip(self.views, plans, strict=True)] if self.write_history else []
+            futures.append(pg.submit(transaction.commit_with_history, histories))
+            pipe = self.online.pipeline()
+            for runtime, (writes, _) in zip(self.views, plans, strict=True):
+                self.online.prepare(pipe, runtime.view.name, runtime.version, runtime.agg, writes, runtime.ttl)
+            result.archived = futures[0].result()
+            futures[1].result()
+        except BaseException as exc:
+            wait(futures)  # the connection is idle again before anyone retries on it
+            pg.submit(transaction.close, exc).result()
+            raise
+        self.online.execute(pipe)
         return result
 
     def _fold_view(
-        self, runtime: ViewRuntime, valid: list[tuple[Record, dict[str, Any], int]], now_ms: int, result: BatchResult
+        self, runtime: ViewRuntime, groups: Groups, now_ms: int, result: BatchResult
     ) -> tuple[list[EntityWrite], list[FeatureRow]]:
         name, version, agg = runtime.view.name, runtime.version, runtime.agg
-        groups: dict[tuple[EntityKey, int], list[tuple[Record, dict[str, Any], int]]] = {}
-        key_fields = runtime.key_fields
-        for item in valid:
-            fields = item[1]
-            groups.setdefault((tuple(fields[k] for k in key_fields), item[0].partition), []).append(item)
         self._load_missing(runtime, list(groups))
+        cache = self.cache
+        fold, compact, prune, evaluate = agg.fold, agg.compact, agg.prune, agg.evaluate
+        history = self.write_history
+        upto = now_ms - self.compact_grace_ms
         writes: list[EntityWrite] = []
         rows: list[FeatureRow] = []
-        late = 0
+        late = replayed = 0
         for (entity, partition), items in groups.items():
-            sub = self.cache.get((name, version, entity, partition))
+            sub = cache.get((name, version, entity, partition))
             if sub is None:  # loaded just now; evicted only if the batch outgrew the cache
                 sub = PartitionState(agg.new_state())
-            fresh = [item for item in items if item[0].offset > sub.offset]
-            result.replayed += len(items) - len(fresh)
-            if not fresh:
-                continue
-            folded = agg.fold(sub.state, [f for _, f, _ in fresh], [r.offset for r, _, _ in fresh])
-            folded.add(agg.compact(sub.state, now_ms - COMPACT_GRACE_MS))
-            removed = agg.prune(sub.state, now_ms)
+                cache.put((name, version, entity, partition), sub)
+            applied = sub.offset
+            if len(items) == 1:  # most entities have one event in a batch
+                newest_record, fields, newest_ms = items[0]
+                last = newest_record.offset
+                if last <= applied:
+                    replayed += 1
+                    continue
+                folded = fold(sub.state, (fields,), (last,))
+            else:
+                offsets = [r.offset for r, _, _ in items]
+                if min(offsets) <= applied:  # a replay: keep only what the state lacks
+                    fresh = [item for item in items if item[0].offset > applied]
+                    replayed += len(items) - len(fresh)
+                    if not fresh:
+                        continue
+                    items = fresh
+                    offsets = [r.offset for r, _, _ in items]
+                folded = fold(sub.state, [f for _, f, _ in items], offsets)
+                last = max(offsets)
+                newest_record, _, newest_ms = items[0]
+                for item in items:  # the newest event; at equal times the later offset
+                    if item[2] > newest_ms or (item[2] == newest_ms and item[0].offset > newest_record.offset):
+                        newest_record, _, newest_ms = item
+            folded.add(compact(sub.state, upto))
+            removed = prune(sub.state, now_ms)
             late += folded.late
-            newest_record, _, newest_ms = max(fresh, key=lambda item: (item[2], item[0].offset))
-            sub.offset = max(r.offset for r, _, _ in fresh)
-            sub.newest_ms = max(sub.newest_ms or newest_ms, newest_ms)
-            self.cache.put((name, version, entity, partition), sub)
+            sub.offset = last
+            if sub.newest_ms is None or newest_ms > sub.newest_ms:
+                sub.newest_ms = newest_ms
             writes.append(EntityWrite(entity, partition, sub, folded.touched, removed, True))
-            if self.write_history:
-                values = agg.evaluate(sub.state, newest_ms)
-                rows.append(FeatureRow(entity, newest_ms, partition, newest_record.offset, values))
+            if history:
+                rows.append(FeatureRow(entity, newest_ms, partition, newest_record.offset, evaluate(sub.state, newest_ms)))
+        result.replayed += replayed
         if late:
             result.late[name] = result.late.get(name, 0) + late
         return writes, rows
 
     def _load_missing(self, runtime: ViewRuntime, keys: list[tuple[EntityKey, int]]) -> None:
         name, version = runtime.view.name, runtime.version
-        missing = [key for key in keys if self.cache.get((name, version, *key)) is None]
+        peek = self.cache.peek
+        missing = [key for key in keys if peek((name, version, *key)) is None]
         if not missing:
             return
         entities = list(dict.fromkeys(entity for entity, _ in missing))

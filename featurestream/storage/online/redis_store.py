@@ -65,6 +65,30 @@ class EntityWrite:
     header_changed: bool = True
 
 
+def _pack_args(args: Sequence[bytes]) -> bytes:
+    """One command in the Redis protocol (RESP); ``hiredis.pack_command`` does the same in C."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+
+    def _pack(args: Sequence[bytes]) -> bytes:
+        return _hiredis_pack(tuple(args))  # type: ignore[arg-type,no-any-return]
+except ImportError:  # redis-py without hiredis
+    _pack = _pack_args
+
+
+@dataclass(slots=True)
+class PreparedWrite:
+    """Commands encoded by ``RedisOnlineStore.prepare``, in the Redis protocol, not yet sent."""
+
+    commands: list[bytes] = field(default_factory=list)
+
+
 def _tile_field(partition: int, tile: TileKey) -> bytes:
     return b"%d:t:%d:%d" % (partition, tile.size_ms, tile.start_ms)
 
@@ -116,31 +140,71 @@ class RedisOnlineStore:
         self, view: str, version: int, agg: ViewAggregator, writes: Iterable[EntityWrite], ttl: timedelta | None
     ) -> None:
         """All changes of a batch in one pipelined round trip; one atomic HSET per entity."""
-        pipe = self.client.pipeline(transaction=False)
-        ttl_ms = int(ttl.total_seconds() * 1000) if ttl is not None else None
-        count = 0
+        pipe = self.pipeline()
+        self.prepare(pipe, view, version, agg, writes, ttl)
+        self.execute(pipe)
+
+    def pipeline(self) -> PreparedWrite:
+        """An empty batch of commands for ``prepare`` (several views may share one), then ``execute``."""
+        return PreparedWrite()
+
+    def prepare(
+        self, batch: PreparedWrite, view: str, version: int, agg: ViewAggregator, writes: Iterable[EntityWrite],
+        ttl: timedelta | None,
+    ) -> int:
+        """Encode ``write``'s commands into ``batch`` without sending them (encoding is the costly
+        part, so a caller can do it while it waits for something else); returns the entities queued."""
+        ttl_ms = b"%d" % int(ttl.total_seconds() * 1000) if ttl is not None else None
+        prefix = f"fs:{self.project}:{view}:v{version}:"
+        encode_header, encode_tile = agg.encode_header, agg.encode_tile
+        out = batch.commands
+        add = out.append
         changed: list[str] = []
         for w in writes:
-            key = self.key(view, version, w.key)
+            part = entity_part(w.key)
+            key = (prefix + part).encode()
             p = w.partition
-            mapping: dict[bytes, bytes] = {
-                b"%d:o" % p: b"%d:%d" % (w.sub.offset, w.sub.newest_ms if w.sub.newest_ms is not None else 0)
-            }
+            sub = w.sub
+            args: list[bytes] = [
+                b"HSET", key, b"%d:o" % p, b"%d:%d" % (sub.offset, sub.newest_ms if sub.newest_ms is not None else 0)
+            ]
             if w.header_changed:
-                mapping[b"%d:h" % p] = agg.encode_header(w.sub.state)
+                args += (b"%d:h" % p, encode_header(sub.state))
+            removed = w.removed
             for tile in w.touched:
-                if tile not in w.removed:
-                    mapping[_tile_field(p, tile)] = agg.encode_tile(w.sub.state, tile)
-            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-            if w.removed:
-                pipe.hdel(key, *[_tile_field(p, tile) for tile in w.removed])
+                if not removed or tile not in removed:
+                    args += (b"%d:t:%d:%d" % (p, tile.size_ms, tile.start_ms), encode_tile(sub.state, tile))
+            add(_pack(args))
+            if removed:
+                add(_pack([b"HDEL", key, *[_tile_field(p, tile) for tile in removed]]))
             if ttl_ms is not None:
-                pipe.pexpire(key, ttl_ms)
-            changed.append(entity_part(w.key))
-            count += 1
-        if count:
-            pipe.publish(updates_channel(self.project, view, version), "\n".join(changed))
-            pipe.execute()
+                add(_pack([b"PEXPIRE", key, ttl_ms]))
+            changed.append(part)
+        if changed:
+            add(_pack([b"PUBLISH", updates_channel(self.project, view, version).encode(), "\n".join(changed).encode()]))
+        return len(changed)
+
+    def execute(self, batch: PreparedWrite) -> None:
+        """Send a prepared batch in one write and read its replies (one round trip)."""
+        if not batch.commands:
+            return
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(batch.commands)])  # type: ignore[no-untyped-call]
+            error: Exception | None = None
+            for _ in batch.commands:
+                try:
+                    conn.read_response()
+                except redis.ResponseError as exc:  # read every reply, then report the first error
+                    error = error or exc
+            if error is not None:
+                raise error
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # its replies are out of step now
+            raise
+        finally:
+            pool.release(conn)
 
     def replace(
         self, view: str, version: int, agg: ViewAggregator, entity: EntityKey, subs: dict[int, PartitionState],
