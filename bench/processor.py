@@ -110,8 +110,9 @@ def main() -> None:
                      for i, b in zip(range(0, len(records), args.batch), batches, strict=True)]
         clock = [scheduled[0]]
         clock_ms = (lambda: clock[0]) if args.live else None
+        extra = {"compact_grace_ms": args.grace_ms} if args.grace_ms is not None else {}
         processor = SourceProcessor(source, runtimes, online, offline, clock_ms=clock_ms,
-                                    write_history=not args.no_history, compact_grace_ms=args.grace_ms)
+                                    write_history=not args.no_history, **extra)
 
         stages = Stages()
         if args.stages:

@@ -166,7 +166,7 @@ def _training_section(training: dict[str, Any]) -> list[str]:
     lines.append("")
     if failures:
         lines += ["Failed (\"-\" above): " + "; ".join(failures) + ". Each training-set process is stopped "
-                  f"once its resident memory passes {training.get('memory_limit_mb', 0) / 1024:.0f} GB "
+                  f"once its resident memory passes {training.get('memory_limit_mb', 0) / 1024:g} GB "
                   "(`--memory-limit-gb`): the machine is shared and has 24 GiB.", ""]
     per_feature = next((c["values"]["features"] for c in reversed(training["cases"]) if "values" in c
                         and "features" in c["values"]), None)

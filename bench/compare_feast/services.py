@@ -197,7 +197,7 @@ def measured(command: list[str], env: dict[str, str] | None = None, cwd: str | N
     out, err = chunks.get("out", b"").decode(errors="replace"), chunks.get("err", b"").decode(errors="replace")
     if over:
         raise OverMemory(f"stopped after {seconds:.0f} s: resident memory passed the limit of "
-                         f"{memory_limit_mb / 1024:.0f} GB")
+                         f"{memory_limit_mb / 1024:g} GB")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:5])} ... failed ({proc.returncode}):\n{err[-3000:]}")
     return seconds, usage.ru_maxrss / 1024, out, err

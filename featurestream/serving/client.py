@@ -95,6 +95,14 @@ def _result(message: pb.FeatureRows, with_timestamp: bool = False) -> FeatureRes
     return FeatureResult(rows_to_json(message, with_timestamp), list(message.feature_names))
 
 
+def _in_request_order(result: FeatureResult, entities: Sequence[Entity]) -> FeatureResult:
+    """Join keys in the order the caller gave them (a proto map keeps no order)."""
+    for row, asked in zip(result["results"], entities, strict=False):
+        got = row["entity"]
+        row["entity"] = {**{k: got[k] for k in asked if k in got}, **got}
+    return result
+
+
 def _entity(entity: Entity) -> pb.EntityKey:
     return pb.EntityKey(join_keys={str(k): v if isinstance(v, str) else str(v) for k, v in entity.items()})
 
@@ -196,10 +204,11 @@ class Client:
     ) -> FeatureResult | pd.DataFrame:
         """Fresh values: ``features`` are ``view:feature``, ``view`` (all its features) or
         ``view@N:feature``; or name a ``feature_service``. One result per entity, in order."""
+        entities = list(entities)
         request = pb.GetOnlineFeaturesRequest(
             entities=[_entity(e) for e in entities], features=_features(features), feature_service=feature_service
         )
-        result = _result(self._call(self.stub.GetOnlineFeatures, request, timeout))
+        result = _in_request_order(_result(self._call(self.stub.GetOnlineFeatures, request, timeout)), entities)
         return result.to_pandas() if as_frame else result
 
     @overload

@@ -580,11 +580,14 @@ def test_tls(shop: ServingProject, serve: Serve, tmp_path: Path) -> None:
 def _copy_keys(source_url: str, target: redis.Redis, pattern: str) -> int:
     source = redis.Redis.from_url(source_url)
     try:
-        keys = list(source.scan_iter(match=pattern))
+        # Field by field: DUMP payloads do not move between Redis 7 and the embedded 6.2.
+        keys = list(source.scan_iter(match=pattern, _type="hash"))
         for key in keys:
-            dumped = source.dump(key)
-            assert dumped is not None
-            target.restore(key, 0, dumped, replace=True)
+            target.delete(key)
+            target.hset(key, mapping=source.hgetall(key))
+            ttl = source.pttl(key)
+            if ttl > 0:
+                target.pexpire(key, ttl)
         return len(keys)
     finally:
         source.close()
