@@ -33,7 +33,7 @@ from featurestream.definitions.models import Source
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
-from featurestream.serving.refs import Catalog, ServedView, ServingError, parse_entity
+from featurestream.serving.refs import Catalog, ServedView, ServingError, catalog_for, parse_entity
 from featurestream.serving.service import OnlineService, ServedRow, ServedRows, ServingLimits
 from featurestream.storage.offline.base import ArchivedEvent
 from featurestream.storage.offline.postgres import PostgresOfflineStore
@@ -77,7 +77,6 @@ class AsOfService:
         pool_size: int = 4,
     ) -> None:
         self._snapshot = snapshot
-        self._catalog: Catalog | None = None
         self.access: AccessPolicy = access or OpenAccess()
         self.limits = limits or ServingLimits()
         self.as_of_limits = as_of_limits or AsOfLimits()
@@ -88,10 +87,7 @@ class AsOfService:
 
     @property
     def catalog(self) -> Catalog:
-        snapshot = self._snapshot()
-        if self._catalog is None or self._catalog.snapshot is not snapshot:
-            self._catalog = Catalog(snapshot)
-        return self._catalog
+        return catalog_for(self._snapshot())
 
     def get_as_of(
         self,
@@ -134,14 +130,7 @@ class AsOfService:
     def _check_limits(self, rows: Sequence[tuple[dict[str, str], int]], feature_count: int) -> None:
         if not rows:
             raise ServingError("INVALID_ARGUMENT", "give at least one row (entity and timestamp)")
-        if len(rows) > self.limits.max_entities:
-            raise ServingError(
-                "INVALID_ARGUMENT", f"{len(rows)} rows in one request; the limit is {self.limits.max_entities}"
-            )
-        if feature_count > self.limits.max_features:
-            raise ServingError(
-                "INVALID_ARGUMENT", f"{feature_count} features in one request; the limit is {self.limits.max_features}"
-            )
+        self.limits.check(len(rows), feature_count, "rows")
         for i, (_, at_ms) in enumerate(rows):
             if isinstance(at_ms, bool) or not isinstance(at_ms, int) or at_ms < 0:
                 raise ServingError(

@@ -20,6 +20,7 @@ import struct
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -62,11 +63,15 @@ def to_ms(when: datetime | int | float) -> int:
     return int(when)
 
 
+@lru_cache(maxsize=4096)
+def _iso_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 def iso_ms(ms: int) -> str:
     """``2026-11-27T10:00:00Z``, with ``.123`` before the Z when the milliseconds are not zero."""
     seconds, rest = divmod(ms, 1000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{text}.{rest:03d}Z" if rest else f"{text}Z"
+    return f"{_iso_second(seconds)}.{rest:03d}Z" if rest else f"{_iso_second(seconds)}Z"
 
 
 def iso_timestamp(ts: Timestamp) -> str:

@@ -108,6 +108,22 @@ class Catalog:
         return [FeatureRef(served, feature, f"{prefix}:{feature_name}")]
 
 
+_CATALOGS: dict[int, Catalog] = {}
+_CATALOGS_KEPT = 8
+
+
+def catalog_for(snapshot: ProjectSnapshot) -> Catalog:
+    """The catalog of a snapshot, built once and shared by every service of the process (online,
+    as-of, updates), so a registry reload compiles the views once."""
+    catalog = _CATALOGS.get(id(snapshot))
+    if catalog is None or catalog.snapshot is not snapshot:
+        catalog = Catalog(snapshot)
+        if len(_CATALOGS) >= _CATALOGS_KEPT:
+            _CATALOGS.pop(next(iter(_CATALOGS)))
+        _CATALOGS[id(snapshot)] = catalog
+    return catalog
+
+
 def parse_entity(row: int, keys: dict[str, str], entity: Entity) -> tuple[Any, ...]:
     """The typed key of ``entity`` from a request row's text join keys."""
     out: list[Any] = []

@@ -9,10 +9,8 @@ code. Run it with uvicorn and never recycle workers by request count (each recyc
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import redis
@@ -27,6 +25,7 @@ from starlette.responses import Response
 import featurestream
 from featurestream.serving.access import Principal
 from featurestream.serving.context import ServingContext
+from featurestream.serving.convert import iso_ms
 from featurestream.serving.refs import ServingError
 from featurestream.serving.service import ServedRows
 
@@ -84,17 +83,6 @@ def _dumps(obj: Any) -> bytes:
     if orjson is not None:
         return orjson.dumps(obj)
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-@lru_cache(maxsize=4096)
-def _iso_second(seconds: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-
-
-def iso_ms(epoch_ms: int) -> str:
-    """``2026-11-27T10:00:00Z``, with ``.mmm`` when the milliseconds are not zero."""
-    seconds, ms = divmod(epoch_ms, 1000)
-    return f"{_iso_second(seconds)}.{ms:03d}Z" if ms else f"{_iso_second(seconds)}Z"
 
 
 def iso_datetime(value: datetime) -> str:

@@ -21,7 +21,14 @@ from featurestream.aggregation.state import StateLayoutError, ViewState
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
-from featurestream.serving.refs import Catalog, FeatureRef, ServedView, ServingError, parse_entity
+from featurestream.serving.refs import (
+    Catalog,
+    FeatureRef,
+    ServedView,
+    ServingError,
+    catalog_for,
+    parse_entity,
+)
 from featurestream.storage.online.redis_store import merged_state, parse_fields, redis_key
 
 PRESENT, MISSING, STALE, INVALID = "PRESENT", "MISSING", "STALE", "INVALID"
@@ -52,6 +59,15 @@ class ServedRows:
 class ServingLimits:
     max_entities: int = 1000
     max_features: int = 1000
+
+    def check(self, count: int, feature_count: int, noun: str = "entities") -> None:
+        """INVALID_ARGUMENT when a request holds more entities (or rows) or features than allowed."""
+        if count > self.max_entities:
+            raise ServingError("INVALID_ARGUMENT", f"{count} {noun} in one request; the limit is {self.max_entities}")
+        if feature_count > self.max_features:
+            raise ServingError(
+                "INVALID_ARGUMENT", f"{feature_count} features in one request; the limit is {self.max_features}"
+            )
 
 
 class _StateCache:
@@ -97,7 +113,6 @@ class OnlineService:
     ) -> None:
         self._snapshot = snapshot
         self.access: AccessPolicy = access or OpenAccess()
-        self._catalog: Catalog | None = None
         self.limits = limits or ServingLimits()
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         # No retries: with Redis down a call must fail within a second, not back off for longer.
@@ -111,10 +126,7 @@ class OnlineService:
 
     @property
     def catalog(self) -> Catalog:
-        snapshot = self._snapshot()
-        if self._catalog is None or self._catalog.snapshot is not snapshot:
-            self._catalog = Catalog(snapshot)
-        return self._catalog
+        return catalog_for(self._snapshot())
 
     @property
     def project(self) -> str:
@@ -152,14 +164,7 @@ class OnlineService:
     def _check_limits(self, entity_count: int, feature_count: int) -> None:
         if entity_count == 0:
             raise ServingError("INVALID_ARGUMENT", "give at least one entity")
-        if entity_count > self.limits.max_entities:
-            raise ServingError(
-                "INVALID_ARGUMENT", f"{entity_count} entities in one request; the limit is {self.limits.max_entities}"
-            )
-        if feature_count > self.limits.max_features:
-            raise ServingError(
-                "INVALID_ARGUMENT", f"{feature_count} features in one request; the limit is {self.limits.max_features}"
-            )
+        self.limits.check(entity_count, feature_count)
 
     def _read_states(
         self, views: list[ServedView], keys: list[list[tuple[Any, ...]]], now_ms: int

@@ -28,7 +28,7 @@ from redis.retry import Retry
 
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, Principal
-from featurestream.serving.refs import Catalog, ServedView, ServingError, parse_entity
+from featurestream.serving.refs import Catalog, ServedView, ServingError, catalog_for, parse_entity
 from featurestream.serving.service import OnlineService, ServedRows, ServingLimits
 from featurestream.storage.online.redis_store import entity_part, redis_key, updates_channel
 
@@ -67,7 +67,6 @@ class UpdateService:
         health_check_s: float = 15.0,
     ) -> None:
         self._snapshot = snapshot
-        self._catalog: Catalog | None = None
         self._owns_online = online is None
         # Without an online service of the server's, one of our own (no state cache) reads the values.
         self.online = online or OnlineService(snapshot, redis_url, limits=limits, access=access)
@@ -90,10 +89,7 @@ class UpdateService:
 
     @property
     def catalog(self) -> Catalog:
-        snapshot = self._snapshot()
-        if self._catalog is None or self._catalog.snapshot is not snapshot:
-            self._catalog = Catalog(snapshot)
-        return self._catalog
+        return catalog_for(self._snapshot())
 
     @property
     def active(self) -> int:
@@ -130,17 +126,9 @@ class UpdateService:
         """Resolve, check and authorize a subscription; the channels and entity parts to watch."""
         catalog = self.catalog
         refs = catalog.resolve(list(features), feature_service)
-        limits = self.limits
         if not entities:
             raise ServingError("INVALID_ARGUMENT", "give at least one entity")
-        if len(entities) > limits.max_entities:
-            raise ServingError(
-                "INVALID_ARGUMENT", f"{len(entities)} entities in one request; the limit is {limits.max_entities}"
-            )
-        if len(refs) > limits.max_features:
-            raise ServingError(
-                "INVALID_ARGUMENT", f"{len(refs)} features in one request; the limit is {limits.max_features}"
-            )
+        self.limits.check(len(entities), len(refs))
         self.access.authorize(principal, refs, "updates")
         project = catalog.snapshot.project
         channels: dict[bytes, _Channel] = {}
