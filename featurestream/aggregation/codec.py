@@ -7,7 +7,9 @@ A row is a flat list of slots; each slot has a one-letter code:
 
 from __future__ import annotations
 
+import atexit
 import struct
+import weakref
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
@@ -15,6 +17,9 @@ from typing import Any
 from datasketches import hll_sketch
 
 FIXED_CODES = frozenset("qd?")
+SHARED_ROWS_KEPT = 20_000
+"""Decoded rows a codec keeps for ``decode_shared``: the recently used ones, between this many
+and twice as many."""
 VAR_CODES = frozenset("SH")
 _QQ = struct.Struct("<qq")
 
@@ -82,6 +87,17 @@ def _getter(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]
     return itemgetter(*indices)
 
 
+_CODECS: weakref.WeakSet[RowCodec] = weakref.WeakSet()
+
+
+@atexit.register
+def forget_shared_rows() -> None:
+    """Drop every codec's memo of decoded rows (at exit, so the sketches in them are freed
+    before their extension module goes)."""
+    for codec in list(_CODECS):
+        codec._young, codec._old = {}, {}
+
+
 class RowCodec:
     """Encodes and decodes rows of slots with a fixed layout (``codes``).
 
@@ -101,6 +117,11 @@ class RowCodec:
         self._fixed = _getter(fixed)
         self._n_fixed = len(fixed)
         self._decoders = tuple((i, bytes.decode if c == "S" else _sketch) for i, c in self._var)
+        # two generations (a cheap LRU): a full young one becomes the old one, whose rows
+        # survive only if used again
+        self._young: dict[bytes, list[Any]] = {}
+        self._old: dict[bytes, list[Any]] = {}
+        _CODECS.add(self)
 
     def encode(self, row: Sequence[Any]) -> bytes:
         var = [_var_bytes(code, row[i]) for i, code in self._var]
@@ -135,6 +156,21 @@ class RowCodec:
         row, end = self.decode(buf)
         if end != len(buf):
             raise CodecError(f"{len(buf) - end} trailing bytes after a row")
+        return row
+
+    def decode_shared(self, raw: bytes) -> list[Any]:
+        """``decode_all`` memoised by the bytes, for readers: most tiles of an entity do not change
+        between two reads, and decoding (sketches above all) is the costly part of a read. The row
+        is shared between callers: never mutate it."""
+        row = self._young.get(raw)
+        if row is not None:
+            return row
+        row = self._old.pop(raw, None)
+        if row is None:
+            row = self.decode_all(raw)
+        if len(self._young) >= SHARED_ROWS_KEPT:
+            self._old, self._young = self._young, {}
+        self._young[raw] = row
         return row
 
 

@@ -127,8 +127,14 @@ def decode(layout: ViewLayout, raw: bytes) -> ViewState:
     return state
 
 
-def decode_parts(layout: ViewLayout, header: bytes, tiles: Iterable[tuple[TileKey, bytes]]) -> ViewState:
-    """The state from its header and its tiles (e.g. the fields of a Redis hash)."""
+def decode_parts(
+    layout: ViewLayout, header: bytes, tiles: Iterable[tuple[TileKey, bytes]], *, shared_rows: bool = False
+) -> ViewState:
+    """The state from its header and its tiles (e.g. the fields of a Redis hash).
+
+    ``shared_rows``: tile rows may come from the codecs' memo (``RowCodec.decode_shared``), for
+    readers that never fold into the state.
+    """
     state, end = _decode_header(layout, memoryview(header))
     if end != len(header):
         raise CodecError("trailing bytes after the state header")
@@ -137,5 +143,6 @@ def decode_parts(layout: ViewLayout, header: bytes, tiles: Iterable[tuple[TileKe
         if g is None:
             raise StateLayoutError(f"no tile group of {key.size_ms} ms in view {layout.view.name!r}")
         if key.start_ms >= state.horizon[g]:  # a pruned tile whose delete has not landed yet
-            state.tiles[g][key.start_ms] = layout.groups[g].codec.decode_all(raw)
+            codec = layout.groups[g].codec
+            state.tiles[g][key.start_ms] = codec.decode_shared(raw) if shared_rows else codec.decode_all(raw)
     return state

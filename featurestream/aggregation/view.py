@@ -39,6 +39,7 @@ class ViewAggregator:
     ) -> None:
         self.layout = ViewLayout(view, field_types)
         self.time_field = time_field
+        self._tile_sizes = tuple(g.tile_ms for g in self.layout.groups)
 
     @classmethod
     def from_source(cls, view: FeatureView, source: Source) -> ViewAggregator:
@@ -202,6 +203,16 @@ class ViewAggregator:
             group.evaluate(out, starts, cols, at_ms)
         return out
 
+    def evaluation_key(self, state: ViewState, at: Instant) -> tuple[int, ...]:
+        """Two reads of one state with equal keys evaluate to equal values: a read time matters
+        only through the tile holding it, per group, and the head events at or before it (a
+        set that only grows with time, so its size names it)."""
+        at_ms = to_millis(at)
+        return (
+            *[at_ms - at_ms % tile if tile else 0 for tile in self._tile_sizes],
+            sum(1 for rec in state.head if rec[0] <= at_ms),
+        )
+
     @staticmethod
     def _with_head(group: TileGroup, tiles: dict[int, Row], pending: list[HeadEvent]) -> dict[int, Row]:
         """A copy of ``tiles`` with the pending head events merged in (the state is untouched)."""
@@ -252,8 +263,10 @@ class ViewAggregator:
     def encode_tile(self, state: ViewState, key: TileKey) -> bytes:
         return codec.encode_tile(self.layout, state, key)
 
-    def decode_parts(self, header: bytes, tiles: Iterable[tuple[TileKey, bytes]]) -> ViewState:
-        return codec.decode_parts(self.layout, header, tiles)
+    def decode_parts(
+        self, header: bytes, tiles: Iterable[tuple[TileKey, bytes]], *, shared_rows: bool = False
+    ) -> ViewState:
+        return codec.decode_parts(self.layout, header, tiles, shared_rows=shared_rows)
 
     def tile_keys(self, state: ViewState) -> list[TileKey]:
         return [

@@ -105,6 +105,9 @@ def serve(
                                                   dir_okay=False)] = None,
     cache_ttl_ms: Annotated[int, typer.Option(help="Keep entity states read from Redis this long in memory "
                                               "(0: off). Bounds how late a new event shows.", min=0)] = 0,
+    memo_entries: Annotated[int, typer.Option(help="Entity hashes kept decoded, reused while Redis returns the "
+                                              "same bytes (every lookup still reads Redis; 0: off).",
+                                              min=0)] = 4096,
     max_entities: Annotated[int, typer.Option(help="Most entities (or as-of rows) per request.", min=1)] = 1000,
     max_features: Annotated[int, typer.Option(help="Most features per request.", min=1)] = 1000,
     metrics_port: Annotated[int, typer.Option(help="Also serve Prometheus metrics on this port (0: off; "
@@ -161,7 +164,8 @@ def serve(
             raise fail(str(exc)) from None
         cleanup.callback(_close, policy)
         limits = ServingLimits(max_entities=max_entities, max_features=max_features)
-        online = OnlineService(snapshots, redis_url, limits=limits, cache_ttl_ms=cache_ttl_ms, access=policy)
+        online = OnlineService(snapshots, redis_url, limits=limits, cache_ttl_ms=cache_ttl_ms, access=policy,
+                               memo_entries=memo_entries)
         cleanup.callback(online.close)
         as_of = _as_of(snapshots, postgres_url, policy, limits)
         push = _push(snapshots, policy)

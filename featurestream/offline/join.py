@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 
 from featurestream.offline.archive import entity_events
 from featurestream.offline.features import RequestedFeature, ViewGroup
-from featurestream.offline.pointintime import MISSING, STATUSES, EntityEvaluator
+from featurestream.offline.pointintime import STATUSES, EntityEvaluator
 from featurestream.offline.spill import SpillWriter
+from featurestream.serving.service import MISSING
 
 BLOCK_ROWS = 65_536
 ARROW_TYPES: dict[str, pa.DataType] = {

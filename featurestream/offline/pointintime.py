@@ -2,7 +2,7 @@
 
 Values come from the one aggregation core (``ViewAggregator.evaluate_history``), so a window
 read at T covers exactly what the online state covers at T. Statuses follow
-``OnlineService._status`` with T as "now":
+``featurestream.serving.service.value_status`` with T as "now":
 
 * MISSING: no state would exist at T (no event seen yet, or the online key expired: the last
   write is at least ``online_ttl`` before T), or the value is null (a mean of no events);
@@ -28,8 +28,8 @@ from typing import Any
 from featurestream.definitions.models import ValueCheck
 from featurestream.offline.archive import Row
 from featurestream.offline.features import ViewGroup
+from featurestream.serving.service import INVALID, MISSING, PRESENT, STALE, value_status
 
-PRESENT, MISSING, STALE, INVALID = "PRESENT", "MISSING", "STALE", "INVALID"
 STATUSES = (PRESENT, MISSING, STALE, INVALID)
 EVENT_MS_KEY = "__event_ms"
 
@@ -96,14 +96,9 @@ class EntityEvaluator:
 
 
 def _status(value: Any, known: bool, newest_ms: int | None, at_ms: int, out: _Output) -> tuple[Any, str]:
-    """Mirrors ``OnlineService._status``; a stale value is nulled."""
-    if not known or value is None:
-        return None, MISSING
-    if out.check is not None and not out.check.accepts(value):
-        return value, INVALID
-    if out.max_age_ms is not None and newest_ms is not None and at_ms - newest_ms > out.max_age_ms:
-        return None, STALE
-    return value, PRESENT
+    """The value and its status as serving gives them at ``at_ms``; a stale or missing value is nulled."""
+    status = value_status(value, known, newest_ms, at_ms, out.check, out.max_age_ms)
+    return (value if status in (PRESENT, INVALID) else None), status
 
 
 def _newest(times: Sequence[int], reads: Sequence[int]) -> list[int | None]:

@@ -34,13 +34,11 @@ from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
 from featurestream.serving.refs import Catalog, ServedView, ServingError, catalog_for, parse_entity
-from featurestream.serving.service import OnlineService, ServedRow, ServedRows, ServingLimits
+from featurestream.serving.service import Evaluated, ServedRow, ServedRows, ServingLimits, served_values
 from featurestream.storage.offline.base import ArchivedEvent
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 
 EntityKey = tuple[Any, ...]
-Evaluated = dict[tuple[str, int], tuple[dict[str, Any], int | None, bool]]
-"""(view, version) -> (feature values, newest event time, entity known): what ``_status`` reads."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ class AsOfService:
                 name, version = served.view.name, served.version
                 evaluated[(name, version)] = results.get((name, version, key, at_ms), ({}, None, False))
             served_rows.append(
-                ServedRow(dict(entity), at_ms, [OnlineService._status(r, evaluated, at_ms) for r in refs])
+                ServedRow(dict(entity), at_ms, served_values(refs, evaluated, at_ms))
             )
         result = self.access.present(principal, ServedRows([r.name for r in refs], refs, served_rows), "as_of")
         metrics.REQUEST_SECONDS.labels(method="as_of").observe(time.perf_counter() - started)

@@ -304,7 +304,7 @@ class TokenPolicy:
     def _hash_row(self, row: ServedRow, columns: set[int]) -> ServedRow:
         assert self._salt is not None  # checked in __init__
         values = [
-            replace(v, value=hash_value(self._salt, v.value)) if i in columns and v.value is not None else v
+            v._replace(value=hash_value(self._salt, v.value)) if i in columns and v.value is not None else v
             for i, v in enumerate(row.values)
         ]
         return replace(row, values=values)

@@ -25,6 +25,7 @@ class OnlineReader:
         project: str | None = None,
         cache_ttl_ms: int = 0,
         limits: ServingLimits | None = None,
+        memo_entries: int = 4096,
     ) -> None:
         from featurestream.config import require
 
@@ -37,7 +38,8 @@ class OnlineReader:
         self.project = project
         self._snapshot: ProjectSnapshot = self._registry.snapshot(project)
         self.service = OnlineService(
-            lambda: self._snapshot, redis_url or require("redis_url"), cache_ttl_ms=cache_ttl_ms, limits=limits
+            lambda: self._snapshot, redis_url or require("redis_url"), cache_ttl_ms=cache_ttl_ms, limits=limits,
+            memo_entries=memo_entries,
         )
 
     def refresh(self) -> None:

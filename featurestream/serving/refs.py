@@ -7,13 +7,14 @@ item, so both the gRPC and the REST front ends report it the same way.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from featurestream.aggregation.view import ViewAggregator
-from featurestream.definitions.models import Entity, Feature, FeatureView, ProjectDefinition
+from featurestream.definitions.models import Entity, Feature, FeatureView, ProjectDefinition, ValueCheck
 from featurestream.registry.records import ProjectSnapshot
 
+_RESOLVED_KEPT = 4096
 _REF = re.compile(r"^(?P<view>[a-z][a-z0-9_]*)(@(?P<version>[0-9]+))?(:(?P<feature>[a-z][a-z0-9_]*))?$")
 
 
@@ -47,6 +48,16 @@ class FeatureRef:
     feature: Feature
     name: str
     """As the response names it: ``view:feature``, or ``view@N:feature`` when a version was asked for."""
+    view_key: tuple[str, int] = field(init=False)
+    check: ValueCheck | None = field(init=False)
+    max_age_ms: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        # looked up for every value served: computed once
+        object.__setattr__(self, "view_key", (self.served.view.name, self.served.version))
+        object.__setattr__(self, "check", self.feature.validation)
+        max_age = self.feature.max_age
+        object.__setattr__(self, "max_age_ms", max_age.total_seconds() * 1000 if max_age is not None else None)
 
 
 class Catalog:
@@ -69,8 +80,21 @@ class Catalog:
             )
             self.views[(live.name, live.version)] = served
             self.latest[live.name] = max(self.latest.get(live.name, 0), live.version)
+        # Clients repeat the same feature lists: resolve each list once per snapshot.
+        self._resolved: dict[tuple[tuple[str, ...], str], tuple[FeatureRef, ...]] = {}
 
     def resolve(self, features: list[str], feature_service: str = "") -> list[FeatureRef]:
+        """The refs a request names, in order, each once; a ``ServingError`` names a bad one."""
+        memo_key = (tuple(features), feature_service)
+        refs = self._resolved.get(memo_key)
+        if refs is None:
+            refs = tuple(self._resolve(features, feature_service))
+            if len(self._resolved) >= _RESOLVED_KEPT:
+                self._resolved.clear()
+            self._resolved[memo_key] = refs
+        return list(refs)
+
+    def _resolve(self, features: list[str], feature_service: str) -> list[FeatureRef]:
         refs: list[str] = list(features)
         if feature_service:
             service = self.snapshot.definition.feature_service(feature_service)

@@ -11,13 +11,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from featurestream.aggregation.state import StateLayoutError, ViewState
+from featurestream.aggregation.view import ViewAggregator
+from featurestream.definitions.models import ValueCheck
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
@@ -34,11 +36,44 @@ from featurestream.storage.online.redis_store import merged_state, parse_fields,
 PRESENT, MISSING, STALE, INVALID = "PRESENT", "MISSING", "STALE", "INVALID"
 
 
-@dataclass(frozen=True, slots=True)
-class ServedValue:
+class ServedValue(NamedTuple):
     value: Any
     status: str
     event_time_ms: int | None
+
+
+Evaluated = dict[tuple[str, int], tuple[dict[str, Any], int | None, bool]]
+"""(view, version) -> (feature values, newest event time, entity known)."""
+_UNKNOWN = ServedValue(None, MISSING, None)
+
+
+def value_status(
+    value: Any, known: bool, newest_ms: int | None, at_ms: int, check: ValueCheck | None, max_age_ms: float | None
+) -> str:
+    """The status of a value read at ``at_ms`` (serving's rule; training sets apply it too):
+    MISSING (no state, or a null value), INVALID (fails its declared check), STALE (the newest
+    event is older than max_age) or PRESENT."""
+    if not known or value is None:
+        return MISSING
+    if check is not None and not check.accepts(value):
+        return INVALID
+    if max_age_ms is not None and newest_ms is not None and at_ms - newest_ms > max_age_ms:
+        return STALE
+    return PRESENT
+
+
+def served_values(refs: Sequence[FeatureRef], evaluated: Evaluated, now_ms: int) -> list[ServedValue]:
+    """Each ref's value, status (``value_status``) and newest event time at ``now_ms``."""
+    out: list[ServedValue] = []
+    append = out.append
+    for ref in refs:
+        values, newest, known = evaluated[ref.view_key]
+        if not known:
+            append(_UNKNOWN)
+            continue
+        value = values.get(ref.feature.name)
+        append(ServedValue(value, value_status(value, known, newest, now_ms, ref.check, ref.max_age_ms), newest))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +105,61 @@ class ServingLimits:
             )
 
 
+@dataclass(slots=True)
+class _Decoded:
+    """One entity hash as read from Redis and decoded, with the values last evaluated from it.
+
+    ``state`` is None when the key does not exist (or holds another layout). The state is shared
+    by the requests that read the same bytes: nothing may fold into it.
+    """
+
+    fields: dict[bytes, bytes]
+    state: ViewState | None
+    newest_ms: int | None
+    evaluated: tuple[tuple[int, ...], dict[str, Any]] | None = None
+    """(``evaluation_key``, values): one attribute, so concurrent requests swap it atomically."""
+
+    def values(self, agg: ViewAggregator, now_ms: int) -> dict[str, Any]:
+        if self.state is None:
+            return {}
+        key = agg.evaluation_key(self.state, now_ms)
+        held = self.evaluated
+        if held is not None and held[0] == key:
+            return held[1]
+        values = agg.evaluate(self.state, now_ms)
+        self.evaluated = (key, values)
+        return values
+
+
+_MISSING_HASH: dict[bytes, bytes] = {}
+
+
+class _ReadMemo:
+    """Decoded entity hashes by Redis key, reused while a read returns the same bytes.
+
+    Every lookup still reads Redis: this saves decoding (and, within a tile period, evaluating)
+    what did not change, never serves an old value. Two generations make it a cheap LRU.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._young: dict[str, _Decoded] = {}
+        self._old: dict[str, _Decoded] = {}
+
+    def get(self, key: str, fields: dict[bytes, bytes]) -> _Decoded | None:
+        held = self._young.get(key) or self._old.get(key)
+        return held if held is not None and held.fields == fields else None
+
+    def clear(self) -> None:
+        self._young, self._old = {}, {}
+
+    def put(self, key: str, decoded: _Decoded) -> None:
+        self._old.pop(key, None)
+        if len(self._young) >= self.entries:
+            self._old, self._young = self._young, {}
+        self._young[key] = decoded
+
+
 class _StateCache:
     """Decoded entity states for a short time, so hot keys skip Redis. Values are still evaluated
     at request time (windows decay exactly); the TTL bounds how late a new event shows."""
@@ -77,20 +167,20 @@ class _StateCache:
     def __init__(self, ttl_ms: int, max_entries: int) -> None:
         self.ttl_ms = ttl_ms
         self.max_entries = max_entries
-        self._items: OrderedDict[str, tuple[int, ViewState | None, int | None]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, _Decoded]] = OrderedDict()
 
-    def get(self, key: str, now_ms: int) -> tuple[ViewState | None, int | None] | None:
+    def get(self, key: str, now_ms: int) -> _Decoded | None:
         item = self._items.get(key)
         if item is None or item[0] <= now_ms:
             return None
-        return item[1], item[2]
+        return item[1]
 
     def discard(self, keys: list[str]) -> None:
         for key in keys:
             self._items.pop(key, None)
 
-    def put(self, key: str, now_ms: int, state: ViewState | None, newest_ms: int | None) -> None:
-        self._items[key] = (now_ms + self.ttl_ms, state, newest_ms)
+    def put(self, key: str, now_ms: int, decoded: _Decoded) -> None:
+        self._items[key] = (now_ms + self.ttl_ms, decoded)
         self._items.move_to_end(key)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
@@ -110,6 +200,7 @@ class OnlineService:
         clock_ms: Callable[[], int] | None = None,
         redis_timeout_s: float = 0.5,
         access: AccessPolicy | None = None,
+        memo_entries: int = 4096,
     ) -> None:
         self._snapshot = snapshot
         self.access: AccessPolicy = access or OpenAccess()
@@ -123,6 +214,7 @@ class OnlineService:
             retry=Retry(NoBackoff(), 0),
         )
         self.cache = _StateCache(cache_ttl_ms, cache_entries) if cache_ttl_ms > 0 else None
+        self.memo = _ReadMemo(memo_entries) if memo_entries > 0 else None
 
     @property
     def catalog(self) -> Catalog:
@@ -150,12 +242,12 @@ class OnlineService:
         states = self._read_states(views, keys, now_ms)
         rows = []
         for i, entity in enumerate(entities):
-            evaluated: dict[tuple[str, int], tuple[dict[str, Any], int | None, bool]] = {}
+            evaluated: Evaluated = {}
             for j, served in enumerate(views):
-                state, newest = states[(served.view.name, served.version, keys[i][j])]
-                values = served.agg.evaluate(state, now_ms) if state is not None else {}
-                evaluated[(served.view.name, served.version)] = (values, newest, state is not None)
-            rows.append(ServedRow(dict(entity), now_ms, [self._status(r, evaluated, now_ms) for r in refs]))
+                decoded = states[(served.view.name, served.version, keys[i][j])]
+                values = decoded.values(served.agg, now_ms)
+                evaluated[(served.view.name, served.version)] = (values, decoded.newest_ms, decoded.state is not None)
+            rows.append(ServedRow(dict(entity), now_ms, served_values(refs, evaluated, now_ms)))
         result = self.access.present(principal, ServedRows([r.name for r in refs], refs, rows), "online")
         metrics.REQUEST_SECONDS.labels(method="online").observe(time.perf_counter() - started)
         metrics.VALUES.labels(method="online").inc(len(rows) * len(refs))
@@ -168,13 +260,13 @@ class OnlineService:
 
     def _read_states(
         self, views: list[ServedView], keys: list[list[tuple[Any, ...]]], now_ms: int
-    ) -> dict[tuple[str, int, tuple[Any, ...]], tuple[ViewState | None, int | None]]:
+    ) -> dict[tuple[str, int, tuple[Any, ...]], _Decoded]:
         project = self.project
         wanted: dict[tuple[str, int, tuple[Any, ...]], str] = {}
         for row in keys:
             for served, key in zip(views, row, strict=True):
                 wanted[(served.view.name, served.version, key)] = redis_key(project, served.view.name, served.version, key)
-        out: dict[tuple[str, int, tuple[Any, ...]], tuple[ViewState | None, int | None]] = {}
+        out: dict[tuple[str, int, tuple[Any, ...]], _Decoded] = {}
         misses = []
         for ident, rkey in wanted.items():
             hit = self.cache.get(rkey, now_ms) if self.cache else None
@@ -197,37 +289,27 @@ class OnlineService:
             raise ServingError("UNAVAILABLE", f"the online store is unreachable: {exc}") from exc
         by_view = {(v.view.name, v.version): v for v in views}
         for (ident, rkey), fields in zip(misses, replies, strict=True):
-            served = by_view[(ident[0], ident[1])]
-            result: tuple[ViewState | None, int | None] = (None, None)
-            if fields:
-                try:
-                    result = merged_state(served.agg, parse_fields(served.agg, fields))
-                except StateLayoutError:
-                    # Written before a feature was added to the view: MISSING until the worker
-                    # rebuilds the entity from the archive (next event) or `materialize` runs.
-                    metrics.STALE_LAYOUT.inc()
-            out[ident] = result
+            decoded = self.memo.get(rkey, fields) if self.memo else None
+            if decoded is None:
+                decoded = self._decode(by_view[(ident[0], ident[1])], fields, shared_rows=self.memo is not None)
+                if self.memo:
+                    self.memo.put(rkey, decoded)
+            out[ident] = decoded
             if self.cache:
-                self.cache.put(rkey, now_ms, *result)
+                self.cache.put(rkey, now_ms, decoded)
         return out
 
     @staticmethod
-    def _status(
-        ref: FeatureRef, evaluated: dict[tuple[str, int], tuple[dict[str, Any], int | None, bool]], now_ms: int
-    ) -> ServedValue:
-        values, newest, known = evaluated[(ref.served.view.name, ref.served.version)]
-        if not known:
-            return ServedValue(None, MISSING, None)
-        value = values.get(ref.feature.name)
-        if value is None:
-            return ServedValue(None, MISSING, newest)
-        check = ref.feature.validation
-        if check is not None and not check.accepts(value):
-            return ServedValue(value, INVALID, newest)
-        max_age = ref.feature.max_age
-        if max_age is not None and newest is not None and now_ms - newest > max_age.total_seconds() * 1000:
-            return ServedValue(value, STALE, newest)
-        return ServedValue(value, PRESENT, newest)
+    def _decode(served: ServedView, fields: dict[bytes, bytes], *, shared_rows: bool) -> _Decoded:
+        if fields:
+            try:
+                state, newest = merged_state(served.agg, parse_fields(served.agg, fields, shared_rows=shared_rows))
+                return _Decoded(fields, state, newest)
+            except StateLayoutError:
+                # Written before a feature was added to the view: MISSING until the worker
+                # rebuilds the entity from the archive (next event) or `materialize` runs.
+                metrics.STALE_LAYOUT.inc()
+        return _Decoded(fields or _MISSING_HASH, None, None)
 
     def invalidate(self, redis_keys: list[str]) -> None:
         """Forget cached states of these keys (their entities were just written)."""
@@ -235,4 +317,6 @@ class OnlineService:
             self.cache.discard(redis_keys)
 
     def close(self) -> None:
+        if self.memo is not None:
+            self.memo.clear()
         self.redis.close()

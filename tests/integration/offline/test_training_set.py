@@ -44,7 +44,7 @@ from featurestream.offline import TrainingSetError, training_set
 from featurestream.offline import join as join_module
 from featurestream.offline import spill as spill_module
 from featurestream.registry import Registry
-from featurestream.serving.service import OnlineService
+from featurestream.serving.service import OnlineService, served_values
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
 from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
@@ -765,7 +765,8 @@ def test_empty_labels_give_an_empty_training_set(world: World, tmp_path: Path) -
 
 
 def test_statuses_follow_the_serving_rules() -> None:
-    """``pointintime._status`` against ``OnlineService._status`` on a grid of cases."""
+    """Training-set statuses and values against what serving returns, and against the rules
+    written out (max_age 2h, validation 0..5), on a grid of cases."""
     from types import SimpleNamespace
 
     from featurestream.definitions.models import Feature
@@ -780,7 +781,7 @@ def test_statuses_follow_the_serving_rules() -> None:
             "validation": {"min": 0, "max": 5},
         }
     )
-    ref = SimpleNamespace(served=SimpleNamespace(view=SimpleNamespace(name="v"), version=1), feature=feature)
+    ref = SimpleNamespace(view_key=("v", 1), feature=feature, check=feature.validation, max_age_ms=2 * HOUR)
     out = _Output("n", 0, 2 * HOUR, feature.validation)
     at = NOW_MS
     for known in (False, True):
@@ -788,7 +789,16 @@ def test_statuses_follow_the_serving_rules() -> None:
             for newest in (None, at, at - 2 * HOUR, at - 2 * HOUR - 1):
                 if known and newest is None:
                     continue
-                served = OnlineService._status(ref, {("v", 1): ({"n": value}, newest, known)}, at)  # type: ignore[arg-type]
+                if not known or value is None:
+                    expected = "MISSING"
+                elif value > 5:
+                    expected = "INVALID"
+                elif newest is not None and at - newest > 2 * HOUR:
+                    expected = "STALE"
+                else:
+                    expected = "PRESENT"
+                [served] = served_values([ref], {("v", 1): ({"n": value}, newest, known)}, at)  # type: ignore[list-item]
                 value_out, status = _status(value, known, newest, at, out)
-                assert status == served.status, (known, value, newest)
-                assert value_out == (None if status == "STALE" else served.value), (known, value, newest)
+                assert status == served.status == expected, (known, value, newest)
+                assert served.value == (value if known else None)
+                assert value_out == (value if expected in ("PRESENT", "INVALID") else None), (known, value, newest)

@@ -8,7 +8,7 @@ import pytest
 
 from featurestream.serving.refs import ServingError
 from featurestream.serving.service import OnlineService, ServingLimits
-from tests.integration.serving.conftest import MIN, T0, ServingProject
+from tests.integration.serving.conftest import MIN, T0, ServingProject, order
 
 
 def service(shop: ServingProject, at_ms: int, **kwargs: object) -> OnlineService:
@@ -134,3 +134,31 @@ def test_state_of_an_older_layout_is_missing_not_an_error(shop: ServingProject) 
     got = values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h", "user_orders:amount_max_1h"]))[0]
     assert got == {"user_orders:count_1h": (None, "MISSING"), "user_orders:amount_max_1h": (None, "MISSING")}
     assert values(svc.get_online([{"shop_id": "7"}], ["shop_orders:count_1h"]))[0] == {"shop_orders:count_1h": (3, "PRESENT")}
+
+
+def test_read_memo_never_serves_what_redis_no_longer_holds(shop: ServingProject) -> None:
+    """Decoded hashes are reused only while Redis returns the same bytes; values still decay."""
+    now = [T0 + 10 * MIN]
+    svc = OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda: now[0], memo_entries=16)
+    read = lambda: values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h", "user_orders:last_country"]))[0]  # noqa: E731
+    assert read() == {"user_orders:count_1h": (2, "PRESENT"), "user_orders:last_country": ("DE", "PRESENT")}
+    shop.write([order("u1", 7, 1.0, 9, "IT")], first_offset=100)
+    assert read() == {"user_orders:count_1h": (3, "PRESENT"), "user_orders:last_country": ("IT", "PRESENT")}
+    now[0] = T0 + 62 * MIN  # same bytes, a later tile: u1's minute-1 event has left the hour
+    assert read()["user_orders:count_1h"] == (2, "STALE")
+    import redis
+
+    from featurestream.storage.online.redis_store import redis_key
+
+    redis.Redis.from_url(shop.redis_url).delete(redis_key(shop.name, "user_orders", 1, ("u1",)))
+    assert read() == {"user_orders:count_1h": (None, "MISSING"), "user_orders:last_country": (None, "MISSING")}
+
+
+def test_memo_off_and_on_give_the_same_values(shop: ServingProject) -> None:
+    entities = [{"user_id": u} for u in ("u1", "u2", "u1", "nobody")]
+    for minutes in (3, 4.5, 10, 61, 66, 125):
+        at = T0 + int(minutes * MIN)
+        off = OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda at=at: at, memo_entries=0)  # type: ignore[misc]
+        on = OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda at=at: at, memo_entries=2)  # type: ignore[misc]
+        on.get_online(entities, ["user_orders"])  # fills the memo (2 entries: the young generation turns over)
+        assert values(on.get_online(entities, ["user_orders"])) == values(off.get_online(entities, ["user_orders"]))

@@ -113,6 +113,27 @@ def test_an_event_one_millisecond_after_the_read_is_never_counted(events: Events
     check(without, events, at)
 
 
+@given(
+    events=event_lists(),
+    at=read_times,
+    later=st.lists(st.integers(0, 2 * HOUR), min_size=1, max_size=8),
+    lag=st.integers(0, HOUR),
+)
+@settings(deadline=None)
+def test_reads_with_equal_evaluation_keys_evaluate_alike(events: Events, at: int, later: list[int], lag: int) -> None:
+    """What lets a reader reuse values evaluated from the same bytes: equal keys, equal values."""
+    state = AGG.new_state()
+    AGG.fold(state, events, seqs(events))
+    AGG.compact(state, at - lag)
+    first = AGG.evaluate(state, at)
+    for step in later:
+        t = at + step
+        if AGG.evaluation_key(state, t) == AGG.evaluation_key(state, at):
+            assert AGG.evaluate(state, t) == first, step
+        else:
+            check(AGG.evaluate(state, t), events, t)
+
+
 def view_of(*features: dict[str, Any], filters: tuple[dict[str, Any], ...] = ()) -> ViewAggregator:
     return ViewAggregator(make_view([Feature.model_validate(f) for f in features], filters), FIELD_TYPES)
 
