@@ -144,6 +144,7 @@ def _add_agent(
             metrics.BATCH_SIZE.labels(**labels).observe(len(records))
             metrics.EVENTS.labels(**labels).inc(result.valid)
             metrics.REPLAYED.labels(**labels).inc(result.replayed)
+            metrics.REBUILT.labels(**labels).inc(result.rebuilt)
             for view, count in result.late.items():
                 metrics.LATE.labels(view=view).inc(count)
             if result.newest_event_ms is not None:

@@ -7,6 +7,11 @@ from prometheus_client import Counter, Gauge, Histogram
 EVENTS = Counter("featurestream_events_total", "Valid events processed", ["source"])
 DEAD_LETTERS = Counter("featurestream_dead_letters_total", "Events sent to the dead-letter topic", ["source", "reason"])
 REPLAYED = Counter("featurestream_replayed_events_total", "Redelivered events skipped as already applied", ["source"])
+REBUILT = Counter(
+    "featurestream_rebuilt_states_total",
+    "Entity states rebuilt from the archive (written for another layout of their view)",
+    ["source"],
+)
 LATE = Counter("featurestream_late_events_total", "Events too old for every online window (archived only)", ["view"])
 BATCH_SECONDS = Histogram(
     "featurestream_batch_seconds",

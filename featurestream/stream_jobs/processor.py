@@ -68,6 +68,8 @@ class BatchResult:
     late: dict[str, int] = field(default_factory=dict)
     archived: int = 0
     newest_event_ms: int | None = None
+    rebuilt: int = 0
+    """Entity states rebuilt from the archive: written for another layout of their view."""
 
 
 @dataclass
@@ -266,6 +268,7 @@ class SourceProcessor:
             offline.ensure_view(runtime.view, runtime.version, runtime.key_fields, runtime.dtypes(source))
         self._archive_fields = _getter(offline.source_columns(source))
         self._pg_thread: ThreadPoolExecutor | None = None
+        self._archive_reader: PostgresOfflineStore | None = None
 
     def recover(self) -> None:
         """After a failed batch: its folds may be in the cache but not in the stores, so drop the
@@ -278,6 +281,9 @@ class SourceProcessor:
         if self._pg_thread is not None:
             self._pg_thread.shutdown(wait=True)
             self._pg_thread = None
+        if self._archive_reader is not None:
+            self._archive_reader.close()
+            self._archive_reader = None
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         result = BatchResult()
@@ -331,7 +337,7 @@ class SourceProcessor:
         self, runtime: ViewRuntime, groups: Groups, now_ms: int, result: BatchResult
     ) -> tuple[list[EntityWrite], list[FeatureRow]]:
         name, version, agg = runtime.view.name, runtime.version, runtime.agg
-        self._load_missing(runtime, list(groups))
+        self._load_missing(runtime, list(groups), now_ms, result)
         cache = self.cache
         fold, compact, prune, evaluate = agg.fold, agg.compact, agg.prune, agg.evaluate
         history = self.write_history
@@ -381,7 +387,9 @@ class SourceProcessor:
             result.late[name] = result.late.get(name, 0) + late
         return writes, rows
 
-    def _load_missing(self, runtime: ViewRuntime, keys: list[tuple[EntityKey, int]]) -> None:
+    def _load_missing(
+        self, runtime: ViewRuntime, keys: list[tuple[EntityKey, int]], now_ms: int, result: BatchResult
+    ) -> None:
         name, version = runtime.view.name, runtime.version
         peek = self.cache.peek
         missing = [key for key in keys if peek((name, version, *key)) is None]
@@ -389,6 +397,33 @@ class SourceProcessor:
             return
         entities = list(dict.fromkeys(entity for entity, _ in missing))
         loaded = dict(zip(entities, self.online.load(name, version, runtime.agg, entities), strict=True))
+        stale = [entity for entity, subs in loaded.items() if subs is None]
+        if stale:
+            loaded.update(self._rebuild(runtime, stale, now_ms))
+            result.rebuilt += len(stale)
         for entity, partition in missing:
-            sub = loaded[entity].get(partition) or PartitionState(runtime.agg.new_state())
+            subs = loaded[entity]
+            sub = (subs or {}).get(partition) or PartitionState(runtime.agg.new_state())
             self.cache.put((name, version, entity, partition), sub)
+
+    def _rebuild(
+        self, runtime: ViewRuntime, entities: list[EntityKey], now_ms: int
+    ) -> dict[EntityKey, dict[int, PartitionState]]:
+        """States written for another layout of the view (a feature was added, which keeps the
+        version), rebuilt from the archive and rewritten whole before this batch folds in.
+
+        The archive holds every event of earlier batches (their transactions committed before
+        their Redis writes); this batch's events follow with offsets above the rebuilt ones."""
+        from featurestream.offline.rebuild import entity_events, rebuild_entity_states
+
+        if self._archive_reader is None:  # the main connection is the batch transaction's
+            self._archive_reader = PostgresOfflineStore(self.offline.url)
+        agg, name, version = runtime.agg, runtime.view.name, runtime.version
+        rebuilt: dict[EntityKey, dict[int, PartitionState]] = {key: {} for key in entities}
+        stream = self._archive_reader.read_events(self.source, runtime.key_fields, entities, None)
+        for key, events in entity_events(stream):
+            if key in rebuilt:
+                rebuilt[key] = rebuild_entity_states(agg, events, now_ms, grace_ms=self.compact_grace_ms)
+        for key, subs in rebuilt.items():
+            self.online.replace(name, version, agg, key, subs, runtime.ttl)
+        return rebuilt

@@ -96,6 +96,10 @@ class PostgresOfflineStore:
     def connection(self) -> psycopg.Connection:
         return self._conn
 
+    @property
+    def url(self) -> str:
+        return self._url
+
     def reconnect(self) -> None:
         """A new connection after a failure (a PostgreSQL restart, say); tables stay as they are."""
         try:
@@ -234,6 +238,9 @@ class PostgresOfflineStore:
         with self._conn.transaction():
             self._conn.execute("select pg_advisory_xact_lock(hashtext(%s))", [f"{SCHEMA}.{table}"])
             self.partitioner.create_parent(self._conn, table, columns)
+            for name, type_ in feature_types:  # a feature added to the view since (same version)
+                self._conn.execute(sql.SQL("alter table {} add column if not exists {} {}").format(
+                    qualified(table), sql.Identifier(name), sql.SQL(SQL_TYPES[type_])))
         types = [
             *[_COPY_TYPES[t] for _, t in key_types], "timestamptz", "int4", "int8",
             *[_COPY_TYPES[t] for _, t in feature_types],

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from featurestream.aggregation.state import ViewState
+from featurestream.aggregation.state import StateLayoutError, ViewState
 from featurestream.aggregation.view import ViewAggregator
 from featurestream.aggregation.windows import TileKey
 
@@ -93,25 +93,56 @@ def _tile_field(partition: int, tile: TileKey) -> bytes:
     return b"%d:t:%d:%d" % (partition, tile.size_ms, tile.start_ms)
 
 
-def parse_fields(agg: ViewAggregator, fields: dict[bytes, bytes]) -> dict[int, PartitionState]:
-    """A hash's fields -> the sub-state of each partition."""
+_HEADER, _OFFSET, _TILE, _OTHER = 0, 1, 2, 3
+_FIELD_NAMES: dict[bytes, tuple[int, int, TileKey | None]] = {}
+_FIELD_NAMES_KEPT = 200_000
+
+
+def _field_name(name: bytes) -> tuple[int, int, TileKey | None]:
+    """(partition, what, tile key) of a hash field name; memoised, since every entity's hash
+    uses the same few hundred names (tile starts are on a shared grid)."""
+    parsed = _FIELD_NAMES.get(name)
+    if parsed is None:
+        partition_text, _, rest = name.partition(b":")
+        partition = int(partition_text)
+        if rest == b"h":
+            parsed = (partition, _HEADER, None)
+        elif rest == b"o":
+            parsed = (partition, _OFFSET, None)
+        elif rest.startswith(b"t:"):
+            size, _, start = rest[2:].partition(b":")
+            parsed = (partition, _TILE, TileKey(int(size), int(start)))
+        else:  # not ours to read (a newer writer's field, say)
+            parsed = (partition, _OTHER, None)
+        if len(_FIELD_NAMES) >= _FIELD_NAMES_KEPT:
+            _FIELD_NAMES.clear()
+        _FIELD_NAMES[name] = parsed
+    return parsed
+
+
+def parse_fields(
+    agg: ViewAggregator, fields: dict[bytes, bytes], *, shared_rows: bool = False
+) -> dict[int, PartitionState]:
+    """A hash's fields -> the sub-state of each partition (``shared_rows``: for readers, see
+    ``ViewAggregator.decode_parts``)."""
     headers: dict[int, bytes] = {}
     tiles: dict[int, list[tuple[TileKey, bytes]]] = {}
     offsets: dict[int, tuple[int, int | None]] = {}
     for name, value in fields.items():
-        partition_text, _, rest = name.partition(b":")
-        partition = int(partition_text)
-        if rest == b"h":
+        partition, what, tile = _field_name(name)
+        if what == _TILE:
+            held = tiles.get(partition)
+            if held is None:
+                held = tiles[partition] = []
+            held.append((tile, value))  # type: ignore[arg-type]
+        elif what == _HEADER:
             headers[partition] = value
-        elif rest == b"o":
+        elif what == _OFFSET:
             offset_text, _, newest_text = value.partition(b":")
             offsets[partition] = (int(offset_text), int(newest_text) if newest_text else None)
-        elif rest.startswith(b"t:"):
-            size, _, start = rest[2:].partition(b":")
-            tiles.setdefault(partition, []).append((TileKey(int(size), int(start)), value))
     out: dict[int, PartitionState] = {}
     for partition, header in headers.items():
-        state = agg.decode_parts(header, tiles.get(partition, ()))
+        state = agg.decode_parts(header, tiles.get(partition, ()), shared_rows=shared_rows)
         applied, newest = offsets.get(partition, (-1, None))
         out[partition] = PartitionState(state, applied, newest)
     return out
@@ -129,12 +160,19 @@ class RedisOnlineStore:
 
     def load(
         self, view: str, version: int, agg: ViewAggregator, entities: Sequence[EntityKey]
-    ) -> list[dict[int, PartitionState]]:
-        """The sub-states of each entity, in one round trip."""
+    ) -> list[dict[int, PartitionState] | None]:
+        """The sub-states of each entity, in one round trip; None for an entity whose state was
+        written for another layout of the view (a feature added since): rebuild it."""
         pipe = self.client.pipeline(transaction=False)
         for entity in entities:
             pipe.hgetall(self.key(view, version, entity))
-        return [parse_fields(agg, fields) for fields in pipe.execute()]
+        out: list[dict[int, PartitionState] | None] = []
+        for fields in pipe.execute():
+            try:
+                out.append(parse_fields(agg, fields))
+            except StateLayoutError:
+                out.append(None)
+        return out
 
     def write(
         self, view: str, version: int, agg: ViewAggregator, writes: Iterable[EntityWrite], ttl: timedelta | None

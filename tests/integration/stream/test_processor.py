@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from featurestream.aggregation.view import ViewAggregator
 from featurestream.definitions.loader import load_project
-from featurestream.definitions.models import ProjectDefinition
+from featurestream.definitions.models import Feature, ProjectDefinition
 from featurestream.demo.generator import DemoEvent, generate_transactions, to_millis
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore, merged_state
@@ -106,3 +107,41 @@ def test_dead_letters_carry_reasons(processor: SourceProcessor) -> None:
     assert reasons[0].startswith("not valid JSON")
     assert "below the minimum" in reasons[1]
     assert reasons[2] == "empty message (no value)"
+
+
+def test_a_feature_added_later_rebuilds_states_from_the_archive(
+    processor: SourceProcessor, demo: ProjectDefinition, redis_url: str
+) -> None:
+    """Adding a feature keeps the view version but changes the state layout: a restarted worker
+    rebuilds each entity it meets from the archive, then folds on as if it had always run."""
+    events = list(generate_transactions(2000, seed=11, now=NOW.replace(hour=11, minute=20), rate=1.0, users=50))
+    assert all(e.event_time is None or e.event_time <= NOW for e in events)  # 11:20 to 11:54
+    records = to_records(events)
+    processor.process(records[:1200])
+
+    old = processor.views[0]
+    spec = old.view.model_copy(update={"features": [
+        *old.view.features,
+        Feature.model_validate({"name": "amount_max_1h", "aggregation": "max", "field": "amount", "window": "1h"}),
+    ]})
+    wider = ViewRuntime(spec, old.version, old.entity, ViewAggregator.from_source(spec, processor.source), old.ttl)
+    restarted = SourceProcessor(processor.source, [wider], processor.online, processor.offline,
+                                clock_ms=processor.clock_ms)
+    result = restarted.process(records[1200:])
+    assert result.rebuilt > 0 and result.replayed == 0
+    assert restarted.process(records[1000:1500]).replayed == 500  # offsets survive the rebuild
+
+    scratch_store = RedisOnlineStore(redis_url, f"{processor.online.project}x")
+    scratch = SourceProcessor(processor.source, [wider], scratch_store, processor.offline, clock_ms=processor.clock_ms)
+    try:
+        scratch.process(records)
+        users = sorted({e.user_id for e in events if e.well_formed})
+        read_ms = to_millis(NOW)
+        healed = read_user(restarted, users, read_ms)
+        assert healed == read_user(scratch, users, read_ms)
+        assert any(values["amount_max_1h"] is not None for values in healed.values())
+    finally:
+        scratch.close()
+        scratch_store.client.delete(*scratch_store.client.keys(f"fs:{scratch_store.project}:*") or ["none"])
+        scratch_store.close()
+        restarted.close()
