@@ -345,8 +345,6 @@ def main() -> None:
     parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument("--profile-clients", default="1", help="client counts to profile, e.g. 1,32")
     parser.add_argument("--breakdown", action="store_true", help="stage timers in process, no gRPC")
-    parser.add_argument("--experiments", action="store_true",
-                        help="measure what the proposed fixes would save (bench/serving_experiments.py)")
     parser.add_argument("--breakdown-cache", action="store_true",
                         help="also the breakdown with every state served from the service's cache")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for featurestream serve")
@@ -450,12 +448,6 @@ def main() -> None:
                                   5.0 if args.quick else 15.0, cache_ttl_ms=3_600_000)
                     report["breakdown"][f"{name} cached"] = b
                     print(format_breakdown(f"breakdown {name}, decoded states cached", b), flush=True)
-
-        if args.experiments:
-            import serving_experiments
-
-            report["experiments"] = serving_experiments.run(services.postgres_url, services.redis_url, project, users)
-            print(serving_experiments.format_results(report["experiments"]), flush=True)
 
         report.update({
             "events": data.events, "valid_events": data.valid, "users": args.users,

@@ -6,12 +6,12 @@ the byte formats.
 
 from featurestream.aggregation.aggregators import (
     AGGREGATORS,
-    HLL_LG_K,
     IR,
     Aggregator,
     make_aggregator,
 )
 from featurestream.aggregation.codec import CodecError
+from featurestream.aggregation.distinct import EXACT_UP_TO, HLL_LG_K, DistinctSet
 from featurestream.aggregation.layout import FeatureAggregator, TileGroup, ViewLayout
 from featurestream.aggregation.state import FoldResult, StateLayoutError, ViewState
 from featurestream.aggregation.view import ViewAggregator
@@ -26,10 +26,12 @@ from featurestream.aggregation.windows import (
 
 __all__ = [
     "AGGREGATORS",
+    "EXACT_UP_TO",
     "HLL_LG_K",
     "IR",
     "Aggregator",
     "CodecError",
+    "DistinctSet",
     "FeatureAggregator",
     "FoldResult",
     "Instant",

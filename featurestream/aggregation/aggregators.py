@@ -19,16 +19,12 @@ from collections.abc import Sequence
 from itertools import compress
 from typing import Any, ClassVar
 
-from datasketches import hll_sketch, hll_union, tgt_hll_type
-
 from featurestream.aggregation.codec import RowCodec
+from featurestream.aggregation.distinct import DistinctSet, value_hash
 
 IR = tuple[Any, ...]
 Column = Sequence[Any]
 
-HLL_LG_K = 12
-"""2^12 buckets: relative standard error ~1.3% (about 2.6% at 95%), at most ~2 KB per sketch."""
-HLL_TYPE = tgt_hll_type.HLL_4
 
 _VALUE_CODES = {"int64": "q", "float64": "d", "bool": "?", "timestamp": "q", "string": "S"}
 _ZERO: dict[str, Any] = {"q": 0, "d": 0.0, "?": False, "S": "", "H": None}
@@ -271,7 +267,9 @@ class Last(First):
 
 
 class ApproxCountDistinct(Aggregator):
-    """IR (HLL sketch or None). ``update`` mutates the sketch it holds; merges build new ones."""
+    """IR (``DistinctSet`` or None): exact up to 512 distinct values, HyperLogLog beyond, the
+    same whatever the merge order (``distinct.py``). ``update`` mutates the set it holds;
+    merges build new ones."""
 
     kind = "approx_count_distinct"
 
@@ -281,22 +279,16 @@ class ApproxCountDistinct(Aggregator):
     def update(self, row: list[Any], o: int, value: Any, t: int, seq: int) -> None:
         if value is None:
             return
-        sketch = row[o]
-        if sketch is None:
-            sketch = row[o] = hll_sketch(HLL_LG_K, HLL_TYPE)
-        sketch.update(value)
+        held = row[o]
+        if held is None:
+            held = row[o] = DistinctSet()
+        held.add(value_hash(value))
 
     def merge_columns(self, cols: Sequence[Column]) -> IR:
-        union: Any = None
-        for sketch in cols[0]:
-            if sketch is not None:
-                if union is None:
-                    union = hll_union(HLL_LG_K)
-                union.update(sketch)
-        return (None,) if union is None else (union.get_result(HLL_TYPE),)
+        return (DistinctSet.union(cols[0]),)
 
     def finalize(self, ir: IR) -> Any:
-        return 0 if ir[0] is None else round(ir[0].get_estimate())
+        return 0 if ir[0] is None else round(ir[0].estimate())
 
 
 AGGREGATORS: dict[str, type[Aggregator]] = {

@@ -1,8 +1,8 @@
 """Byte formats of aggregation state: slot rows (tiles, IRs) and raw head events.
 
 A row is a flat list of slots; each slot has a one-letter code:
-``q`` int64, ``d`` float64, ``?`` bool (struct codes), ``S`` UTF-8 string, ``H`` HLL sketch
-(its own compact serialisation). All integers are little-endian.
+``q`` int64, ``d`` float64, ``?`` bool (struct codes), ``S`` UTF-8 string, ``H`` distinct set
+(``distinct.py``, its own serialisation). All integers are little-endian.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from datasketches import hll_sketch
+from featurestream.aggregation.distinct import DistinctSet
 
 FIXED_CODES = frozenset("qd?")
 SHARED_ROWS_KEPT = 20_000
@@ -52,11 +52,16 @@ def get_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
 def _var_bytes(code: str, value: Any) -> bytes:
     if code == "S":
         return bytes(value.encode())
-    return bytes(value.serialize_compact()) if value is not None else b""  # absent sketch: empty
+    return value.to_bytes() if value is not None else b""  # absent set: empty
 
 
 def _sketch(raw: bytes) -> Any:
-    return hll_sketch.deserialize(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        return DistinctSet.from_bytes(raw)
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
 
 
 def _var_value(code: str, raw: bytes | memoryview) -> Any:

@@ -26,6 +26,9 @@ from featurestream.definitions.models import (
 from featurestream.definitions.types import parse_timestamp
 
 Row = list[Any]
+STATE_FORMAT = 2
+"""Part of every layout fingerprint: bumped when a slot's bytes change meaning (2: distinct sets
+replaced HLL sketches), so states of the old format are rebuilt rather than misread."""
 
 
 def _output_cast(natural: str, declared: str) -> Callable[[Any], Any]:
@@ -227,7 +230,7 @@ class ViewLayout:
         self._filters = tuple(_predicate(c, field_types[c.field]) for c in view.filter)
         self._inputs = tuple((n, _CONVERT[self.field_types[n]]) for n in self.fields)
         shape = [(g.tile_ms, [(m.agg.kind, m.input_type) for m in g.members]) for g in self.groups]
-        self.fingerprint = zlib.crc32(repr((shape, self.head_codec.codes)).encode())
+        self.fingerprint = zlib.crc32(repr((STATE_FORMAT, shape, self.head_codec.codes)).encode())
         self.has_lifetime = LIFETIME_TILE in self.group_index
 
     def extract(self, event: Mapping[str, Any]) -> tuple[Any, ...] | None:

@@ -401,8 +401,8 @@ def consistency_cmd(
 ) -> None:
     """Compare what online serving returns now with what the archive computes for the same instant.
 
-    Prints the share of equal values (floats within a relative 1e-9, approximate distinct counts
-    within the sketch error), per feature, and the worst differences. Under a live stream each side counts the same events: per partition,
+    Prints the share of equal values (floats within a relative 1e-9, everything else exactly),
+    per feature, and the worst differences. Under a live stream each side counts the same events: per partition,
     those up to the offset Redis has applied.
     """
     from featurestream.offline.consistency import check_consistency
@@ -434,8 +434,6 @@ def consistency_cmd(
     notes = []
     if report.expired:
         notes.append(f"{report.expired:,} entities expired online (consistent)")
-    if report.approximate:
-        notes.append(f"{report.approximate:,} approximate distinct counts within the sketch error (counted equal)")
     if report.missing_online:
         notes.append(f"{report.missing_online:,} entities missing online")
     if report.pending_events:

@@ -9,14 +9,9 @@ For a sample of entities taken from the event archive, at one instant ``now``:
 The score is the share of equal values. Floats are compared with a relative tolerance of 1e-9
 (and an absolute one of 1e-12 around zero): online tiles add their events in arrival order and
 merge partitions, offline tiles add them in time order, so float sums, means and stddevs may
-differ in the last bits. Approximate distinct counts are equal when both sides group the
-sketches alike (one source partition per entity, as for users keyed by user id). For an entity
-whose events are spread over partitions (a merchant), online unions one HLL sketch per partition
-and tile while offline has one sketch per tile: the registers are the same, but the estimator
-state is not, and estimates can differ by a few tenths of a percent (676 against 677 for a
-merchant with ~680 distinct users). Such values count as equal within the sketch's 95% error
-(2.6% relative, ``HLL_REL_TOL``) and are reported as ``approximate``. Everything else must be
-exactly equal.
+differ in the last bits. Everything else must be exactly equal, approximate distinct counts
+included: their sets merge to the same answer in any order and grouping (``aggregation/
+distinct.py``), so an entity spread over partitions (a merchant) agrees as one that is not.
 
 Made exact under a live stream: each partition sub-state in Redis records the last Kafka offset
 it applied; the offline side counts, per partition, only archived events up to that offset
@@ -60,8 +55,6 @@ from featurestream.storage.online.redis_store import EntityKey, entity_part, red
 
 REL_TOL = 1e-9
 ABS_TOL = 1e-12
-HLL_REL_TOL = 0.026
-"""Two standard errors of the HLL sketches (lg_k 12): see the module docstring."""
 CHUNK = 500
 RETRIES = 3
 
@@ -81,13 +74,6 @@ def same_value(online: Any, offline: Any) -> bool:
             return math.isnan(online) and math.isnan(offline)
         return math.isclose(online, offline, rel_tol=REL_TOL, abs_tol=ABS_TOL)
     return bool(type(online) is type(offline) and online == offline)
-
-
-def same_estimate(online: Any, offline: Any) -> bool:
-    """Two approximate distinct counts within the sketches' error of each other."""
-    if not isinstance(online, int) or not isinstance(offline, int) or isinstance(online, bool):
-        return same_value(online, offline)
-    return abs(online - offline) <= HLL_REL_TOL * max(abs(online), abs(offline))
 
 
 def distance(online: Any, offline: Any) -> float:
@@ -131,8 +117,6 @@ class ConsistencyReport:
     per_feature: dict[str, list[int]] = field(default_factory=dict)
     """feature -> [equal, compared]."""
     differences: list[Difference] = field(default_factory=list)
-    approximate: int = 0
-    """Approximate distinct counts that differ, but within the sketch error (counted equal)."""
     missing_online: int = 0
     """Entities without a Redis key that the archive says should have one."""
     expired: int = 0
@@ -169,12 +153,11 @@ class ConsistencyReport:
             },
             "differing_entities": self.differing_entities,
             "worst_differences": [d.to_json() for d in self.worst(top)],
-            "approximate": self.approximate,
             "missing_online": self.missing_online,
             "expired": self.expired,
             "pending_events": self.pending_events,
             "unstable": self.unstable,
-            "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL, "approx_count_distinct": HLL_REL_TOL},
+            "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL},
             "seconds": round(self.seconds, 3),
         }
 
@@ -205,7 +188,6 @@ class _Checker:
         self.now_ms = now_ms
         self.refs = [f"{view.name}@{view.version}:{f.name}" for f in view.runtime.view.features]
         self.features = [f.name for f in view.runtime.view.features]
-        self.sketched = {f.name for f in view.runtime.view.features if f.aggregation == "approx_count_distinct"}
         ttl: timedelta | None = view.runtime.ttl
         self.ttl_ms = None if ttl is None else int(ttl.total_seconds() * 1000)
 
@@ -292,10 +274,6 @@ class _Checker:
             if same_value(served.value, want):
                 counts[0] += 1
                 report.equal += 1
-            elif name in self.sketched and same_estimate(served.value, want):
-                counts[0] += 1
-                report.equal += 1
-                report.approximate += 1
             else:
                 differs = True
                 report.differences.append(
