@@ -8,6 +8,7 @@ when no tokens are configured.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,7 +31,7 @@ class AccessPolicy(Protocol):
     def authenticate(self, token: str | None) -> Principal:
         """The principal of a bearer token; ServingError UNAUTHENTICATED when absent or unknown."""
 
-    def authorize(self, principal: Principal, refs: list[FeatureRef], method: str) -> None:
+    def authorize(self, principal: Principal, refs: Sequence[FeatureRef], method: str) -> None:
         """ServingError PERMISSION_DENIED naming the first feature the principal may not read."""
 
     def present(self, principal: Principal, rows: ServedRows, method: str) -> ServedRows:
@@ -44,7 +45,7 @@ class OpenAccess:
     def authenticate(self, token: str | None) -> Principal:
         return ANONYMOUS
 
-    def authorize(self, principal: Principal, refs: list[FeatureRef], method: str) -> None:
+    def authorize(self, principal: Principal, refs: Sequence[FeatureRef], method: str) -> None:
         return None
 
     def present(self, principal: Principal, rows: ServedRows, method: str) -> ServedRows:

@@ -13,7 +13,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,7 +266,7 @@ class TokenPolicy:
     def hashes_personal(self, principal: Principal) -> bool:
         return self._hashing.get(principal.name, False)
 
-    def authorize(self, principal: Principal, refs: list[FeatureRef], method: str) -> None:
+    def authorize(self, principal: Principal, refs: Sequence[FeatureRef], method: str) -> None:
         self._known(principal)
         who = f"token '{principal.name}' (team '{principal.team}')"
         needed = METHOD_SCOPES.get(method, method)

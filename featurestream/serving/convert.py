@@ -28,7 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from featurestream.v1 import featurestream_pb2 as pb
 
 if TYPE_CHECKING:
-    from featurestream.serving.service import ServedRows
+    from featurestream.serving.service import ServedRows, ServedValue
 
 STATUS_CODES: dict[str, int] = {"PRESENT": pb.PRESENT, "MISSING": pb.MISSING, "STALE": pb.STALE, "INVALID": pb.INVALID}
 STATUS_NAMES: dict[int, str] = {code: name for name, code in STATUS_CODES.items()}
@@ -235,50 +235,71 @@ def _entity_bytes(entity: dict[str, str]) -> bytes:
                                    for k, v in entity.items()))
 
 
+_VALUES_BYTES: dict[int, tuple[Sequence[ServedValue], bytes]] = {}
+_VALUES_BYTES_KEPT = 20_000
+
+
 def encode_rows(rows: ServedRows) -> bytes:
-    """``rows`` as the wire bytes of a ``pb.FeatureRows`` (what the gRPC server sends)."""
+    """``rows`` as the wire bytes of a ``pb.FeatureRows`` (what the gRPC server sends).
+
+    The bytes of a row's values are kept with the values list they came from: the service hands
+    out the same list while nothing in it can have changed (``_Decoded.served_values``)."""
     shared: dict[tuple[str, int | None], _Shared] = {}
     row_times: dict[int, bytes] = {}
     out = [_names_bytes(rows.feature_names)]
-    pack = _pack_double
+    memo = _VALUES_BYTES
     for row in rows.rows:
         at = row_times.get(row.at_ms)
         if at is None:
             at = row_times[row.at_ms] = _field(b"\x12", _ms_body(row.at_ms))
-        parts = [_entity_bytes(row.entity), at]
-        append = parts.append
-        last_status: str | None = None
-        last_time: int | None = None
-        common: _Shared | None = None
-        for served in row.values:
-            status, event_time = served.status, served.event_time_ms
-            if common is None or status is not last_status or event_time != last_time:
-                key = (status, event_time)
-                common = shared.get(key)
-                if common is None:
-                    common = shared[key] = _Shared(status, event_time)
-                last_status, last_time = status, event_time
-            value = served.value
-            kind = type(value)
-            if kind is float:
-                append(common.double_prefix + pack(value) + common.tail)
-            elif kind is int:
-                encoded = common.ints.get(value)
-                if encoded is None:
-                    encoded = common.ints[value] = common.other(value)
-                append(encoded)
-            elif value is None:
-                append(common.missing)
-            elif kind is str:
-                encoded = common.strings.get(value)
-                if encoded is None:
-                    encoded = common.strings[value] = common.other(value)
-                append(encoded)
-            else:
-                append(common.other(value))
-        body = b"".join(parts)
+        values = row.values
+        held = memo.get(id(values))
+        if held is not None and held[0] is values:
+            encoded = held[1]
+        else:
+            encoded = _values_bytes(values, shared)
+            if len(memo) >= _VALUES_BYTES_KEPT:
+                memo.clear()
+            memo[id(values)] = (values, encoded)  # holding the list keeps its id from being reused
+        body = _entity_bytes(row.entity) + at + encoded
         out.append(b"\x12" + _varint(len(body)) + body)
     return b"".join(out)
+
+
+def _values_bytes(values: Sequence[ServedValue], shared: dict[tuple[str, int | None], _Shared]) -> bytes:
+    parts: list[bytes] = []
+    append = parts.append
+    pack = _pack_double
+    last_status: str | None = None
+    last_time: int | None = None
+    common: _Shared | None = None
+    for served in values:
+        status, event_time = served.status, served.event_time_ms
+        if common is None or status is not last_status or event_time != last_time:
+            key = (status, event_time)
+            common = shared.get(key)
+            if common is None:
+                common = shared[key] = _Shared(status, event_time)
+            last_status, last_time = status, event_time
+        value = served.value
+        kind = type(value)
+        if kind is float:
+            append(common.double_prefix + pack(value) + common.tail)
+        elif kind is int:
+            encoded = common.ints.get(value)
+            if encoded is None:
+                encoded = common.ints[value] = common.other(value)
+            append(encoded)
+        elif value is None:
+            append(common.missing)
+        elif kind is str:
+            encoded = common.strings.get(value)
+            if encoded is None:
+                encoded = common.strings[value] = common.other(value)
+            append(encoded)
+        else:
+            append(common.other(value))
+    return b"".join(parts)
 
 
 def rows_to_pb(rows: ServedRows) -> pb.FeatureRows:
@@ -328,7 +349,8 @@ def rows_to_json(message: pb.FeatureRows, with_timestamp: bool = False) -> list[
 
 
 def entity_keys(entities: Sequence[pb.EntityKey]) -> list[dict[str, str]]:
-    return [dict(e.join_keys) for e in entities]
+    # iterating the map directly: dict(map) goes through the slower abstract Mapping views
+    return [{k: keys[k] for k in keys} for keys in (e.join_keys for e in entities)]
 
 
 def feature_info(info: dict[str, Any]) -> pb.FeatureInfo:

@@ -83,8 +83,9 @@ class Catalog:
         # Clients repeat the same feature lists: resolve each list once per snapshot.
         self._resolved: dict[tuple[tuple[str, ...], str], tuple[FeatureRef, ...]] = {}
 
-    def resolve(self, features: list[str], feature_service: str = "") -> list[FeatureRef]:
-        """The refs a request names, in order, each once; a ``ServingError`` names a bad one."""
+    def resolve(self, features: list[str], feature_service: str = "") -> tuple[FeatureRef, ...]:
+        """The refs a request names, in order, each once; a ``ServingError`` names a bad one.
+        Equal requests get the same tuple (results derived from it can be reused)."""
         memo_key = (tuple(features), feature_service)
         refs = self._resolved.get(memo_key)
         if refs is None:
@@ -92,7 +93,7 @@ class Catalog:
             if len(self._resolved) >= _RESOLVED_KEPT:
                 self._resolved.clear()
             self._resolved[memo_key] = refs
-        return list(refs)
+        return refs
 
     def _resolve(self, features: list[str], feature_service: str) -> list[FeatureRef]:
         refs: list[str] = list(features)

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from featurestream.aggregation.state import StateLayoutError, ViewState
@@ -31,7 +32,16 @@ from featurestream.serving.refs import (
     catalog_for,
     parse_entity,
 )
-from featurestream.storage.online.redis_store import merged_state, parse_fields, redis_key
+from featurestream.storage.online.redis_store import (
+    READ_SCRIPT,
+    WRITE_TOKEN,
+    hash_fields,
+    merged_state,
+    parse_fields,
+    read_command,
+    redis_key,
+    round_trip,
+)
 
 PRESENT, MISSING, STALE, INVALID = "PRESENT", "MISSING", "STALE", "INVALID"
 
@@ -86,7 +96,7 @@ class ServedRow:
 @dataclass(frozen=True, slots=True)
 class ServedRows:
     feature_names: list[str]
-    refs: list[FeatureRef]
+    refs: Sequence[FeatureRef]
     rows: list[ServedRow]
 
 
@@ -118,19 +128,44 @@ class _Decoded:
     newest_ms: int | None
     evaluated: tuple[tuple[int, ...], dict[str, Any]] | None = None
     """(``evaluation_key``, values): one attribute, so concurrent requests swap it atomically."""
+    token: bytes | None = None
+    """The hash's write token when read (``redis_store.WRITE_TOKEN``)."""
+    served: tuple[object, tuple[int, ...], int, int, list[ServedValue]] | None = None
+    """(refs, evaluation key, computed at, valid until, served values) of the last request."""
 
-    def values(self, agg: ViewAggregator, now_ms: int) -> dict[str, Any]:
+    def values(self, agg: ViewAggregator, now_ms: int) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """The evaluation key at ``now_ms`` and the values, evaluated once per key."""
         if self.state is None:
-            return {}
+            return (), {}
         key = agg.evaluation_key(self.state, now_ms)
         held = self.evaluated
         if held is not None and held[0] == key:
-            return held[1]
-        values = agg.evaluate(self.state, now_ms)
-        self.evaluated = (key, values)
-        return values
+            return held
+        evaluated = (key, agg.evaluate(self.state, now_ms))
+        self.evaluated = evaluated
+        return evaluated
+
+    def served_values(
+        self, agg: ViewAggregator, refs: Sequence[FeatureRef], view_key: tuple[str, int], now_ms: int
+    ) -> list[ServedValue]:
+        """``served_values`` of a one-view request, reused while neither the values nor any
+        status can have changed (same refs, same evaluation key, no value turned stale since)."""
+        key, values = self.values(agg, now_ms)
+        held = self.served
+        if held is not None and held[0] is refs and held[1] == key and held[2] <= now_ms <= held[3]:
+            return held[4]
+        newest = self.newest_ms
+        out = served_values(refs, {view_key: (values, newest, self.state is not None)}, now_ms)
+        until = _NEVER
+        if newest is not None:
+            for ref in refs:  # the first instant a PRESENT or INVALID value would turn STALE
+                if ref.max_age_ms is not None and now_ms <= newest + ref.max_age_ms < until:
+                    until = int(newest + ref.max_age_ms)
+        self.served = (refs, key, now_ms, until, out)
+        return out
 
 
+_NEVER = 2**63
 _MISSING_HASH: dict[bytes, bytes] = {}
 
 
@@ -146,8 +181,11 @@ class _ReadMemo:
         self._young: dict[str, _Decoded] = {}
         self._old: dict[str, _Decoded] = {}
 
+    def peek(self, key: str) -> _Decoded | None:
+        return self._young.get(key) or self._old.get(key)
+
     def get(self, key: str, fields: dict[bytes, bytes]) -> _Decoded | None:
-        held = self._young.get(key) or self._old.get(key)
+        held = self.peek(key)
         return held if held is not None and held.fields == fields else None
 
     def clear(self) -> None:
@@ -241,13 +279,20 @@ class OnlineService:
         now_ms = self.clock_ms()
         states = self._read_states(views, keys, now_ms)
         rows = []
-        for i, entity in enumerate(entities):
-            evaluated: Evaluated = {}
-            for j, served in enumerate(views):
-                decoded = states[(served.view.name, served.version, keys[i][j])]
-                values = decoded.values(served.agg, now_ms)
-                evaluated[(served.view.name, served.version)] = (values, decoded.newest_ms, decoded.state is not None)
-            rows.append(ServedRow(dict(entity), now_ms, served_values(refs, evaluated, now_ms)))
+        if len(views) == 1:
+            only = views[0]
+            view_key = (only.view.name, only.version)
+            for i, entity in enumerate(entities):
+                decoded = states[(*view_key, keys[i][0])]
+                rows.append(ServedRow(dict(entity), now_ms, decoded.served_values(only.agg, refs, view_key, now_ms)))
+        else:
+            for i, entity in enumerate(entities):
+                evaluated: Evaluated = {}
+                for j, served in enumerate(views):
+                    decoded = states[(served.view.name, served.version, keys[i][j])]
+                    values = decoded.values(served.agg, now_ms)[1]
+                    evaluated[(served.view.name, served.version)] = (values, decoded.newest_ms, decoded.state is not None)
+                rows.append(ServedRow(dict(entity), now_ms, served_values(refs, evaluated, now_ms)))
         result = self.access.present(principal, ServedRows([r.name for r in refs], refs, rows), "online")
         metrics.REQUEST_SECONDS.labels(method="online").observe(time.perf_counter() - started)
         metrics.VALUES.labels(method="online").inc(len(rows) * len(refs))
@@ -279,32 +324,47 @@ class OnlineService:
             metrics.CACHE.labels(result="miss").inc(len(misses))
         if not misses:
             return out
-        pipe = self.redis.pipeline(transaction=False)
-        for _, rkey in misses:
-            pipe.hgetall(rkey)
-        try:
-            replies = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            metrics.REDIS_ERRORS.inc()
-            raise ServingError("UNAVAILABLE", f"the online store is unreachable: {exc}") from exc
+        # With the memo: a hash whose write token we hold comes back as 1, not as its fields.
+        held = [self.memo.peek(rkey) if self.memo else None for _, rkey in misses]
+        commands = [
+            read_command(rkey.encode(), h.token if h is not None else None)
+            for (_, rkey), h in zip(misses, held, strict=True)
+        ]
+        replies = self._round_trip(commands)
         by_view = {(v.view.name, v.version): v for v in views}
-        for (ident, rkey), fields in zip(misses, replies, strict=True):
-            decoded = self.memo.get(rkey, fields) if self.memo else None
+        for (ident, rkey), h, reply in zip(misses, held, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                raise ServingError("UNAVAILABLE", f"the online store refused to read {rkey}: {reply}")
+            decoded: _Decoded | None = h if reply == 1 else None
             if decoded is None:
-                decoded = self._decode(by_view[(ident[0], ident[1])], fields, shared_rows=self.memo is not None)
-                if self.memo:
-                    self.memo.put(rkey, decoded)
+                fields = hash_fields(reply)
+                decoded = self.memo.get(rkey, fields) if self.memo else None  # hashes written without a token
+                if decoded is None:
+                    decoded = self._decode(by_view[(ident[0], ident[1])], fields, shared_rows=self.memo is not None)
+                    if self.memo:
+                        self.memo.put(rkey, decoded)
             out[ident] = decoded
             if self.cache:
                 self.cache.put(rkey, now_ms, decoded)
         return out
+
+    def _round_trip(self, commands: list[bytes]) -> list[Any]:
+        try:
+            replies = round_trip(self.redis, commands)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                self.redis.script_load(READ_SCRIPT)  # a restarted or flushed Redis: load it, read again
+                replies = round_trip(self.redis, commands)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            metrics.REDIS_ERRORS.inc()
+            raise ServingError("UNAVAILABLE", f"the online store is unreachable: {exc}") from exc
+        return replies
 
     @staticmethod
     def _decode(served: ServedView, fields: dict[bytes, bytes], *, shared_rows: bool) -> _Decoded:
         if fields:
             try:
                 state, newest = merged_state(served.agg, parse_fields(served.agg, fields, shared_rows=shared_rows))
-                return _Decoded(fields, state, newest)
+                return _Decoded(fields, state, newest, token=fields.get(WRITE_TOKEN))
             except StateLayoutError:
                 # Written before a feature was added to the view: MISSING until the worker
                 # rebuilds the entity from the archive (next event) or `materialize` runs.

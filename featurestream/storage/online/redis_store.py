@@ -3,7 +3,8 @@
 Layout (docs/storage.md has the full spec)::
 
     key    fs:{project}:{view}:v{version}:{entity}
-    fields {p}:h              header of partition p's sub-state (head start, horizons, raw head events)
+    fields w                  write token: new random bytes at every write of the hash
+           {p}:h              header of partition p's sub-state (head start, horizons, raw head events)
            {p}:t:{size}:{start} one tile row of partition p's sub-state
            {p}:o              "{last applied offset}:{newest event time ms}" of partition p
 
@@ -14,7 +15,9 @@ HSET as the state it describes, so a replayed event (offset <= the stored one) i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -65,6 +68,15 @@ class EntityWrite:
     header_changed: bool = True
 
 
+WRITE_TOKEN = b"w"
+"""Hash field rewritten with a fresh random token by every write of the hash (in the same HSET
+as the state it changes), so a reader holding the token knows the hash is unchanged."""
+
+
+def new_write_token() -> bytes:
+    return os.urandom(8).hex().encode()
+
+
 def _pack_args(args: Sequence[bytes]) -> bytes:
     """One command in the Redis protocol (RESP); ``hiredis.pack_command`` does the same in C."""
     out = [b"*%d\r\n" % len(args)]
@@ -80,6 +92,50 @@ try:
         return _hiredis_pack(tuple(args))  # type: ignore[arg-type,no-any-return]
 except ImportError:  # redis-py without hiredis
     _pack = _pack_args
+
+
+def round_trip(client: redis.Redis, commands: Sequence[bytes]) -> list[Any]:
+    """Send commands packed in the Redis protocol in one write and read every reply; an error
+    reply comes back as a ``redis.ResponseError`` in the list."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([b"".join(commands)])  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]  # its replies are out of step now
+        raise
+    finally:
+        pool.release(conn)
+
+
+READ_SCRIPT = b"""local token = redis.call('HGET', KEYS[1], 'w')
+if token and token == ARGV[1] then return 1 end
+return redis.call('HGETALL', KEYS[1])"""
+"""Read a hash unless the reader holds its current write token (then the reply is 1)."""
+READ_SCRIPT_SHA = hashlib.sha1(READ_SCRIPT).hexdigest().encode()
+
+
+def read_command(key: bytes, token: bytes | None) -> bytes:
+    """The command reading one entity hash: the whole hash, or 1 if ``token`` is still current."""
+    if token is None:
+        return _pack((b"HGETALL", key))
+    return _pack((b"EVALSHA", READ_SCRIPT_SHA, b"1", key, token))
+
+
+def hash_fields(reply: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:
+    """A hash read as a dict: HGETALL answers a map under RESP3, the script a flat
+    [field, value, ...] list."""
+    if isinstance(reply, dict):
+        return reply
+    it = iter(reply)
+    return dict(zip(it, it, strict=True))
 
 
 @dataclass(slots=True)
@@ -104,6 +160,8 @@ def _field_name(name: bytes) -> tuple[int, int, TileKey | None]:
     parsed = _FIELD_NAMES.get(name)
     if parsed is None:
         partition_text, _, rest = name.partition(b":")
+        if not partition_text.isdigit():  # the write token, or a newer writer's field
+            return (-1, _OTHER, None)
         partition = int(partition_text)
         if rest == b"h":
             parsed = (partition, _HEADER, None)
@@ -194,6 +252,7 @@ class RedisOnlineStore:
         part, so a caller can do it while it waits for something else); returns the entities queued."""
         ttl_ms = b"%d" % int(ttl.total_seconds() * 1000) if ttl is not None else None
         prefix = f"fs:{self.project}:{view}:v{version}:"
+        token = new_write_token()
         encode_header, encode_tile = agg.encode_header, agg.encode_tile
         out = batch.commands
         add = out.append
@@ -204,7 +263,8 @@ class RedisOnlineStore:
             p = w.partition
             sub = w.sub
             args: list[bytes] = [
-                b"HSET", key, b"%d:o" % p, b"%d:%d" % (sub.offset, sub.newest_ms if sub.newest_ms is not None else 0)
+                b"HSET", key, WRITE_TOKEN, token,
+                b"%d:o" % p, b"%d:%d" % (sub.offset, sub.newest_ms if sub.newest_ms is not None else 0),
             ]
             if w.header_changed:
                 args += (b"%d:h" % p, encode_header(sub.state))
@@ -226,23 +286,9 @@ class RedisOnlineStore:
         """Send a prepared batch in one write and read its replies (one round trip)."""
         if not batch.commands:
             return
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([b"".join(batch.commands)])  # type: ignore[no-untyped-call]
-            error: Exception | None = None
-            for _ in batch.commands:
-                try:
-                    conn.read_response()
-                except redis.ResponseError as exc:  # read every reply, then report the first error
-                    error = error or exc
-            if error is not None:
-                raise error
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # its replies are out of step now
-            raise
-        finally:
-            pool.release(conn)
+        for reply in round_trip(self.client, batch.commands):
+            if isinstance(reply, redis.ResponseError):  # every reply was read: report the first error
+                raise reply
 
     def replace(
         self, view: str, version: int, agg: ViewAggregator, entity: EntityKey, subs: dict[int, PartitionState],
@@ -250,7 +296,7 @@ class RedisOnlineStore:
     ) -> None:
         """Rewrite an entity's whole hash (materialize from history)."""
         key = self.key(view, version, entity)
-        mapping: dict[bytes, bytes] = {}
+        mapping: dict[bytes, bytes] = {WRITE_TOKEN: new_write_token()}
         for p, sub in subs.items():
             mapping[b"%d:o" % p] = b"%d:%d" % (sub.offset, sub.newest_ms or 0)
             mapping[b"%d:h" % p] = agg.encode_header(sub.state)
@@ -258,7 +304,7 @@ class RedisOnlineStore:
                 mapping[_tile_field(p, tile)] = agg.encode_tile(sub.state, tile)
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(key)
-        if mapping:
+        if subs:
             pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
             if ttl is not None:
                 pipe.pexpire(key, int(ttl.total_seconds() * 1000))

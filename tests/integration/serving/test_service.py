@@ -162,3 +162,41 @@ def test_memo_off_and_on_give_the_same_values(shop: ServingProject) -> None:
         on = OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda at=at: at, memo_entries=2)  # type: ignore[misc]
         on.get_online(entities, ["user_orders"])  # fills the memo (2 entries: the young generation turns over)
         assert values(on.get_online(entities, ["user_orders"])) == values(off.get_online(entities, ["user_orders"]))
+
+
+def test_unchanged_hashes_are_not_sent_again_and_a_flushed_script_is_reloaded(shop: ServingProject) -> None:
+    import redis
+
+    from featurestream.storage.online.redis_store import WRITE_TOKEN, read_command, redis_key, round_trip
+
+    client = redis.Redis.from_url(shop.redis_url)
+    key = redis_key(shop.name, "user_orders", 1, ("u1",)).encode()
+    svc = service(shop, T0 + 10 * MIN, memo_entries=16)
+    first = values(svc.get_online([{"user_id": "u1"}], ["user_orders"]))
+    token = client.hget(key, WRITE_TOKEN)
+    assert token and round_trip(svc.redis, [read_command(key, token)]) == [1]  # what a memo hit costs
+
+    client.script_flush()  # Redis restarted or flushed: the server loads its script again
+    assert values(svc.get_online([{"user_id": "u1"}], ["user_orders"])) == first
+    shop.write([order("u1", 7, 5.0, 9, "IT")], first_offset=100)  # a write changes the token
+    assert client.hget(key, WRITE_TOKEN) != token
+    assert isinstance(round_trip(svc.redis, [read_command(key, token)])[0], list)
+    assert values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]["user_orders:count_1h"] == (3, "PRESENT")
+
+    client.hdel(key, WRITE_TOKEN)  # a hash written before tokens: compared field by field
+    assert values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]["user_orders:count_1h"] == (3, "PRESENT")
+    shop.write([order("u1", 7, 5.0, 9.5, "IT")], first_offset=101)
+    assert values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]["user_orders:count_1h"] == (4, "INVALID")  # validation: max 3
+
+
+def test_reused_statuses_still_turn_stale_on_time(shop: ServingProject) -> None:
+    """u1's newest event is at minute 5 and count_1h has max_age 30m: at minute 35 exactly the
+    value is PRESENT, a millisecond later STALE, within one tile (same evaluation key)."""
+    now = [T0 + 35 * MIN]
+    svc = OnlineService(lambda: shop.snapshot, shop.redis_url, clock_ms=lambda: now[0], memo_entries=16)
+    read = lambda: values(svc.get_online([{"user_id": "u1"}], ["user_orders:count_1h"]))[0]["user_orders:count_1h"]  # noqa: E731
+    assert read() == (2, "PRESENT")
+    now[0] += 1
+    assert read() == (2, "STALE")
+    now[0] -= 1  # a clock that steps back is answered for its own time
+    assert read() == (2, "PRESENT")
