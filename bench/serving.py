@@ -19,7 +19,8 @@ Method:
    demo definitions are also applied to the registry. Active users end up with ~60 one-minute
    tiles, ~288 five-minute tiles, 24-25 hour tiles and a lifetime tile per view.
 2. Server: ``featurestream serve --grpc-port P --http-port Q --project NAME`` as a subprocess,
-   with its defaults (no state cache, gc tuning on, 64 worker threads).
+   with its defaults (no state cache, the exact read memo on, gc tuning on, 64 worker threads);
+   ``--serve-arg=--memo-entries=0`` measures every lookup decoded and evaluated from scratch.
 3. Clients: closed loop (next call as soon as the answer is in), each client a separate process
    with its own channel (``bench/serving_client.py``); ``--client-mode thread`` runs the clients
    as threads of one process instead. Entities per call are drawn from the users in proportion to

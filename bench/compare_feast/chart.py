@@ -16,11 +16,14 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
 SERIES = [
+    ("fs_inprocess_nomemo", "featurestream in-process, memo off", "#c6dbef", ".."),
     ("fs_inprocess", "featurestream in-process", "#1f77b4", ""),
     ("fs_inprocess_cache", "featurestream in-process, cache", "#aec7e8", "//"),
     ("feast_sdk", "Feast SDK", "#d62728", ""),
+    ("fs_grpc_nomemo", "featurestream gRPC, memo off", "#c7e9c0", ".."),
     ("fs_grpc", "featurestream gRPC", "#2ca02c", ""),
     ("fs_grpc_cache", "featurestream gRPC, cache", "#98df8a", "//"),
+    ("fs_rest_nomemo", "featurestream REST, memo off", "#dadaeb", ".."),
     ("fs_rest", "featurestream REST", "#9467bd", ""),
     ("fs_rest_cache", "featurestream REST, cache", "#c5b0d5", "//"),
     ("feast_server", "Feast HTTP server", "#ff7f0e", ""),
@@ -41,7 +44,7 @@ def main() -> None:
     width = 0.8 / len(SERIES)
     for i, (key, label, color, hatch) in enumerate(SERIES):
         xs = [c + (i - (len(SERIES) - 1) / 2) * width for c in range(len(cases))]
-        ys = [clients[case][key].get("p99_ms") or 0 for case in cases]
+        ys = [clients[case].get(key, {}).get("p99_ms") or 0 for case in cases]
         ax.bar(xs, ys, width, label=label, color=color, hatch=hatch, edgecolor="white", linewidth=0.3)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PLAIN)

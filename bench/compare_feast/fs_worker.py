@@ -2,7 +2,7 @@
 
 ``python fs_worker.py CONFIG_JSON`` with CONFIG ``{"target": "grpc" | "rest" | "inprocess",
 "cases": {case: [feature refs]}, "grpc": "host:port", "http_port": N, "redis_url", "postgres_url",
-"project", "cache_ttl_ms", "freeze_gc"}``.
+"project", "cache_ttl_ms", "memo_entries" (null: the default), "freeze_gc"}``.
 
 * ``grpc``: ``featurestream.Client.get_online`` (answers decoded to dicts, as users get them);
 * ``rest``: POST ``/v1/features/online`` with ``http.client``, JSON decoded;
@@ -78,9 +78,10 @@ def open_reader(config: dict[str, Any]) -> tuple[Any, str]:
             reader_class = None
         how = "featurestream.serving.reader.OnlineReader (not exported as featurestream.OnlineReader)"
     if reader_class is not None:
+        memo = {} if config.get("memo_entries") is None else {"memo_entries": config["memo_entries"]}
         reader = reader_class(
             config["redis_url"], postgres_url=config["postgres_url"], project=config["project"],
-            cache_ttl_ms=config["cache_ttl_ms"],
+            cache_ttl_ms=config["cache_ttl_ms"], **memo,
         )
         return reader.get_rows, how
     from featurestream.registry import Registry

@@ -11,16 +11,17 @@ from typing import Any
 
 FS_CLIENTS = [("inprocess", "fs_inprocess"), ("grpc", "fs_grpc"), ("rest", "fs_rest")]
 BASELINE = {"fs_inprocess": "feast_sdk", "fs_grpc": "feast_server", "fs_rest": "feast_server"}
-ORDER = ["fs_inprocess", "fs_inprocess_cache", "feast_sdk", "fs_grpc", "fs_grpc_cache", "fs_rest", "fs_rest_cache",
-         "feast_server"]
+ORDER = ["fs_inprocess_nomemo", "fs_inprocess", "fs_inprocess_cache", "feast_sdk",
+         "fs_grpc_nomemo", "fs_grpc", "fs_grpc_cache", "fs_rest_nomemo", "fs_rest", "fs_rest_cache", "feast_server"]
 
 
 def _baseline(key: str) -> str | None:
-    return BASELINE.get(key.removesuffix("_cache"))
+    return BASELINE.get(key.removesuffix("_cache").removesuffix("_nomemo"))
 
 
 def json_figures(result: dict[str, Any]) -> dict[str, Any]:
-    """The ``--json`` shape: p99s per case (cache off; ``*_cache_*`` with the cache on), training times."""
+    """The ``--json`` shape: p99s per case (defaults: memo on, cache off; ``*_nomemo_*`` with neither,
+    ``*_cache_*`` with both), training times."""
     online = []
     for case in result.get("online", {}).get("cases", []):
         clients = case["clients"]
@@ -31,6 +32,8 @@ def json_figures(result: dict[str, Any]) -> dict[str, Any]:
         entry["feast_server_p99_ms"] = clients["feast_server"].get("p99_ms")
         for short, key in FS_CLIENTS:
             entry[f"featurestream_{short}_cache_p99_ms"] = clients[f"{key}_cache"].get("p99_ms")
+            if f"{key}_nomemo" in clients:
+                entry[f"featurestream_{short}_nomemo_p99_ms"] = clients[f"{key}_nomemo"].get("p99_ms")
         for key, stats in clients.items():
             entry[f"{key}_p50_ms"] = stats.get("p50_ms")
             entry[f"{key}_calls_per_s"] = stats.get("calls_per_s")
@@ -100,14 +103,19 @@ def _online_section(online: dict[str, Any]) -> list[str]:
              "One client process per row, calling sequentially; calls/s = 1 / mean latency of that single "
              "client. Ratio = featurestream / Feast (below 1: featurestream is faster for p50/p99, above 1 for "
              "calls/s); the servers are compared with Feast's HTTP feature server, the in-process reader with "
-             "Feast's SDK. \"cache on\": featurestream's state cache "
-             f"(`--cache-ttl-ms {online['cache_ttl_ms']}`); Feast has no such cache.", "",
+             "Feast's SDK. featurestream runs three ways: \"memo off\" decodes and evaluates every "
+             "lookup from scratch (`--memo-entries 0`); the default keeps decoded hashes and reuses them "
+             "while Redis still holds the same bytes (every lookup still reads Redis, and a write token "
+             "lets Redis answer 1 byte for an unchanged hash; values are never older than Redis), and "
+             "reuses evaluated values within a tile period; \"cache on\" adds the state cache "
+             f"(`--cache-ttl-ms {online['cache_ttl_ms']}`), which may serve a state up to that old. "
+             "Feast has neither.", "",
              "What each side does per lookup: Feast reads values computed in advance (one Redis hash per "
              "entity and view) and decodes them; featurestream reads each entity's aggregation state (tiles "
              "and sketches, one Redis hash per entity and view, all in one pipelined round trip), decodes "
              "it and evaluates every window at the request time. Its cost grows with the state: a busy "
              "user's wide profile has hundreds of tiles, and lookups here follow activity, so busy users "
-             "come up often. The state cache skips the Redis read and the decoding, not the evaluation.", ""]
+             "come up often.", ""]
     check = online.get("value_check")
     if check:
         lines += ["Before measuring, each client's answers for 40 users (1x6 and 1x50) were compared with the "
@@ -231,8 +239,8 @@ def write_markdown(result: dict[str, Any], path: Path, png: Path) -> None:
         "- Feast: Redis online store (same Redis server, another database number), file offline store, "
         "file registry with its default cache; `feast serve` with one worker, `--max-requests 0` (no worker "
         "recycling) and no access log. Feast's server runs with Python's default garbage collector.",
-        "- featurestream: `featurestream serve` (gRPC and REST in one process, `--cache-ttl-ms 0` and a second "
-        "server with the cache on), which freezes start-up objects and raises the collector's thresholds "
+        "- featurestream: `featurestream serve` (gRPC and REST in one process), three servers: `--memo-entries 0`, "
+        "the defaults (read memo on, `--cache-ttl-ms 0`) and the state cache on; each freezes start-up objects and raises the collector's thresholds "
         "once ready (its default); in-process: " + f"`{result.get('online', {}).get('in_process_reader', '-')}`.",
         "- Clients: one process per client, all with the same loop (`bench/compare_feast/loop.py`): each call "
         "builds the request, sends it and decodes the answer (gRPC: `featurestream.Client.get_online`, dicts; "

@@ -173,14 +173,19 @@ def online_part(args: argparse.Namespace, tmp: Path, repo: Path, feast_python: P
     freeze = not args.no_gc_freeze
     body_fs = json.dumps({"entities": [{"user_id": "u_00000"}], "features": refs["1x6"]}).encode()
     body_feast = json.dumps({"features": refs["1x6"], "entities": {"user_id": ["u_00000"]}}).encode()
-    ports = {k: free_port() for k in ("grpc_off", "http_off", "grpc_on", "http_on", "feast")}
+    # three featurestream servers: nothing reused ("nomemo"), the defaults ("off": the exact read
+    # memo on, the state cache off), and the state cache on too ("on")
+    modes = {"nomemo": (0, 0), "off": (0, None), "on": (args.cache_ttl_ms, None)}
+    ports = {f"{kind}_{mode}": free_port() for kind in ("grpc", "http") for mode in modes}
+    ports["feast"] = free_port()
     with ExitStack() as stack:
         servers = []
-        for mode, ttl in (("off", 0), ("on", args.cache_ttl_ms)):
-            server = Server(f"featurestream serve (cache {mode})", [
+        for mode, (ttl, memo) in modes.items():
+            memo_args = ["--memo-entries", str(memo)] if memo is not None else []
+            server = Server(f"featurestream serve ({mode})", [
                 sys.executable, "-m", "featurestream.cli", "serve", "--project", project,
                 "--grpc-port", str(ports[f"grpc_{mode}"]), "--http-port", str(ports[f"http_{mode}"]),
-                "--cache-ttl-ms", str(ttl), "--log-level", "warning"], tmp / f"fs-serve-{mode}.log", env=fs_env)
+                "--cache-ttl-ms", str(ttl), *memo_args, "--log-level", "warning"], tmp / f"fs-serve-{mode}.log", env=fs_env)
             stack.callback(server.stop)
             servers.append((server, ports[f"http_{mode}"]))
         feast_server = Server("feast serve", [
@@ -196,7 +201,8 @@ def online_part(args: argparse.Namespace, tmp: Path, repo: Path, feast_python: P
         def fs_worker(key: str, label: str, target: str, mode: str) -> Contender:
             config = {"target": target, "cases": refs, "grpc": f"127.0.0.1:{ports[f'grpc_{mode}']}",
                       "http_port": ports[f"http_{mode}"], "redis_url": redis_url, "postgres_url": pg_url,
-                      "project": project, "cache_ttl_ms": args.cache_ttl_ms if mode == "on" else 0, "freeze_gc": freeze}
+                      "project": project, "cache_ttl_ms": modes[mode][0], "memo_entries": modes[mode][1],
+                      "freeze_gc": freeze}
             return Contender(key, label, "featurestream", [sys.executable, str(HERE / "fs_worker.py"), json.dumps(config)],
                              tmp / f"worker-{key}.log")
 
@@ -206,6 +212,9 @@ def online_part(args: argparse.Namespace, tmp: Path, repo: Path, feast_python: P
                              tmp / f"worker-{key}.log")
 
         fs = [
+            fs_worker("fs_inprocess_nomemo", "featurestream in-process, memo off", "inprocess", "nomemo"),
+            fs_worker("fs_grpc_nomemo", "featurestream gRPC, memo off", "grpc", "nomemo"),
+            fs_worker("fs_rest_nomemo", "featurestream REST, memo off", "rest", "nomemo"),
             fs_worker("fs_inprocess", "featurestream in-process", "inprocess", "off"),
             fs_worker("fs_grpc", "featurestream gRPC", "grpc", "off"),
             fs_worker("fs_rest", "featurestream REST", "rest", "off"),
