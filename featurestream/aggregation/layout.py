@@ -1,7 +1,8 @@
 """A feature view compiled for aggregation: inputs, filter, and tile groups with row layouts.
 
 Features sharing a tile size share one tile *group*: a tile of the group is one flat row holding
-every member's IR at a fixed offset, so a 1-minute tile of 30 features is one struct, not 30.
+every member's IR at a fixed offset, so a 1-minute tile of 30 features is one struct, not 30;
+members with the same aggregation and input (windows 5m, 15m, 1h of one count) share one IR.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from featurestream.definitions.models import (
 from featurestream.definitions.types import parse_timestamp
 
 Row = list[Any]
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 """Part of every layout fingerprint: bumped when a slot's bytes change meaning (2: distinct sets
-replaced HLL sketches), so states of the old format are rebuilt rather than misread."""
+replaced HLL sketches; 3: members that differ only in their window share one IR), so states of
+an old format are rebuilt rather than misread."""
 
 
 def _output_cast(natural: str, declared: str) -> Callable[[Any], Any]:
@@ -75,22 +77,29 @@ class TileGroup:
     def __init__(self, tile_ms: int, members: Sequence[tuple[FeatureAggregator, int]]) -> None:
         self.tile_ms = tile_ms
         self.members = tuple(m for m, _ in members)
+        # A tile's IR depends on the aggregation and its input, not on the window: members that
+        # differ only in their window (txn_count_5m, _15m, _1h) share one IR in the row.
+        shared: dict[tuple[str, int], int] = {}
         offsets, o = [], 0
-        for m in self.members:
-            offsets.append(o)
-            o += m.agg.width
+        owners: list[tuple[FeatureAggregator, int, int]] = []  # (aggregator, offset, value index)
+        for m, vi in members:
+            key = (m.agg.kind, vi)
+            if key not in shared:
+                shared[key] = o
+                owners.append((m, o, vi))
+                o += m.agg.width
+            offsets.append(shared[key])
         self.offsets = tuple(offsets)
-        self.slots = "".join(m.agg.slots for m in self.members)
+        self._owners = tuple((m, off) for m, off, _ in owners)
+        self.slots = "".join(m.agg.slots for m, _, _ in owners)
         self.codec = RowCodec(self.slots)
-        self._identity = tuple(s for m in self.members for s in m.agg.identity())
+        self._identity = tuple(s for m, _, _ in owners for s in m.agg.identity())
         # members share the tile grid, so the oldest tile read is (tile holding T) - reach
         self._reach = max(
             m.window.span_ms - (tile_ms if m.window.kind == "sliding" else 0) for m in self.members
         )
         # (bound update, offset, index into the extracted values): the per-event inner loop
-        self._plan = tuple(
-            (m.agg.update, off, vi) for (m, vi), off in zip(members, self.offsets, strict=True)
-        )
+        self._plan = tuple((m.agg.update, off, vi) for m, off, vi in owners)
 
     def new_row(self) -> Row:
         return list(self._identity)
@@ -102,7 +111,7 @@ class TileGroup:
     def merge_rows(self, a: Sequence[Any], b: Sequence[Any]) -> Row:
         """A new row merging two; neither input is mutated (sketches are never shared)."""
         out: Row = []
-        for m, o in zip(self.members, self.offsets, strict=True):
+        for m, o in self._owners:
             w = m.agg.width
             out.extend(m.agg.merge_columns(list(zip(a[o : o + w], b[o : o + w], strict=True))))
         return out
@@ -229,7 +238,7 @@ class ViewLayout:
         self.head_codec = HeadCodec("".join(value_code(self.field_types[n]) for n in self.fields))
         self._filters = tuple(_predicate(c, field_types[c.field]) for c in view.filter)
         self._inputs = tuple((n, _CONVERT[self.field_types[n]]) for n in self.fields)
-        shape = [(g.tile_ms, [(m.agg.kind, m.input_type) for m in g.members]) for g in self.groups]
+        shape = [(g.tile_ms, g.slots, g.offsets, [(m.agg.kind, m.input_type) for m in g.members]) for g in self.groups]
         self.fingerprint = zlib.crc32(repr((STATE_FORMAT, shape, self.head_codec.codes)).encode())
         self.has_lifetime = LIFETIME_TILE in self.group_index
 

@@ -108,7 +108,7 @@ def test_redis_down_fails_fast_with_unavailable(shop: ServingProject) -> None:
 
 
 def test_in_process_reader_matches_the_service(shop: ServingProject) -> None:
-    from featurestream.serving.reader import OnlineReader
+    from featurestream import OnlineReader
 
     reader = OnlineReader(shop.redis_url, postgres_url=shop.postgres_url, project=shop.name)
     try:

@@ -313,3 +313,20 @@ def test_from_source_uses_the_source_schema_and_event_time_field() -> None:
 def test_pruning_keeps_the_oldest_tile_any_member_reads(at: int) -> None:
     for group in AGG.groups:
         assert group.oldest_needed(at) == min(m.window.tile_range(at)[0] for m in group.members)
+
+
+def test_features_that_differ_only_in_their_window_share_one_ir() -> None:
+    agg = view_of(
+        {"name": "n_5m", "aggregation": "count", "window": "5m"},
+        {"name": "n_1h", "aggregation": "count", "window": "1h"},
+        {"name": "amount_5m", "aggregation": "sum", "field": "amount", "window": "5m"},
+        {"name": "amount_1h", "aggregation": "sum", "field": "amount", "window": "1h"},
+        {"name": "qty_1h", "aggregation": "sum", "field": "qty", "window": "1h"},
+    )
+    [group] = agg.groups
+    assert group.slots == "qdq" and group.offsets == (0, 0, 1, 1, 2)
+    events = [ev(BASE - 30 * MIN, amount=2.0, qty=1), ev(BASE - 2 * MIN, amount=3.0, qty=4)]
+    state = agg.new_state()
+    agg.fold(state, events)
+    agg.compact(state, BASE)
+    assert agg.evaluate(state, BASE) == {"n_5m": 1, "n_1h": 2, "amount_5m": 3.0, "amount_1h": 5.0, "qty_1h": 5}
