@@ -17,6 +17,9 @@ def worker(
     metrics_host: Annotated[str, typer.Option(help="Address the metrics server listens on.")] = "127.0.0.1",
     batch_size: Annotated[int, typer.Option(help="Most records per batch.")] = 2000,
     batch_within: Annotated[float, typer.Option(help="Longest wait to fill a batch, seconds.")] = 0.05,
+    fetch_max_wait: Annotated[int, typer.Option(help="Longest time the broker may hold a fetch that has "
+                                                "nothing new, milliseconds (bounds how late an event is seen).",
+                                                min=1)] = 100,
     session_timeout: Annotated[float, typer.Option(help="Consumer group session timeout, seconds.")] = 30.0,
     heartbeat_interval: Annotated[float, typer.Option(help="Consumer group heartbeat interval, seconds.")] = 3.0,
     history: Annotated[bool, typer.Option(help="Write feature history rows to PostgreSQL.")] = True,
@@ -50,6 +53,7 @@ def worker(
         postgres_url=postgres_url,
         batch_size=batch_size,
         batch_within_s=batch_within,
+        fetch_max_wait_ms=fetch_max_wait,
         session_timeout_s=session_timeout,
         heartbeat_interval_s=heartbeat_interval,
         write_history=history,

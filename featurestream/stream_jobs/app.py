@@ -39,6 +39,27 @@ class WorkerSettings:
     heartbeat_interval_s: float = 3.0
     write_history: bool = True
     group_id: str | None = None
+    fetch_max_wait_ms: int = 100
+
+
+def _consumer_class(fetch_max_wait_ms: int) -> type[Any]:
+    """Faust's aiokafka consumer with our fetch wait. Faust fixes ``fetch_max_wait_ms`` at 1.5 s;
+    a broker that holds a fetch for that long when some partitions have nothing (tansu does)
+    delays fresh events by up to as much: measured here, freshness p99 at 2,000 events/s went
+    from 1,088 ms to 389 ms with 100 ms."""
+    from faust.transport.drivers import aiokafka as driver
+
+    class ConsumerThread(driver.AIOKafkaConsumerThread):
+        def _create_worker_consumer(self, transport: Any) -> Any:
+            consumer = super()._create_worker_consumer(transport)
+            consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read when the consumer starts
+            return consumer
+
+    class Consumer(driver.Consumer):
+        def _new_consumer_thread(self) -> Any:
+            return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    return Consumer
 
 
 def build_runtimes(
@@ -79,6 +100,7 @@ def build_app(
         topic_disable_leader=True,
         web_enabled=False,
     )
+    app.transport.Consumer = _consumer_class(settings.fetch_max_wait_ms)  # type: ignore[misc]  # this app's only
     # Sink calls block; one thread keeps them off the event loop that heartbeats the group.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestream-sink")
     processors: list[SourceProcessor] = []
