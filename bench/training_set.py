@@ -17,7 +17,7 @@
 3. Label files (Parquet) of each size: users drawn like the events' users plus 1% unknown
    users, timestamps uniform over the last 20 days, a label column and a string column.
 4. Each case runs ``featurestream training-set --feature user_transactions`` (6 features: 1 h
-   and 24 h windows, an HLL distinct count and a lifetime last value, so every entity's whole
+   and 24 h windows, a distinct count and a lifetime last value, so every entity's whole
    history is read) in its own process, once per ``--workers`` value, Parquet out.
 
 Figures per case: ``seconds`` (wall clock of the command), ``rows_per_s``, ``peak_mb`` (the
