@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,9 +85,13 @@ class UsageCounter:
             self._thread.start()
 
     def add(self, view: str, version: int, feature: str, client: str, reads: int, at: datetime) -> None:
-        key = (view, version, feature, client)
+        self.add_many([(view, version, feature)], client, reads, at)
+
+    def add_many(self, features: Iterable[tuple[str, int, str]], client: str, reads: int, at: datetime) -> None:
+        """``reads`` reads by ``client`` of each (view, version, feature): one request's worth."""
         with self._lock:
-            self._merge(key, reads, at)
+            for view, version, feature in features:
+                self._merge((view, version, feature, client), reads, at)
 
     def _merge(self, key: UsageKey, reads: int, at: datetime) -> None:
         old = self._counts.get(key)

@@ -294,9 +294,7 @@ class TokenPolicy:
         if pii and rows.rows and self.audit is not None:
             self._audit(self.audit, principal, rows, method, pii, hashed, now)
         if self.usage is not None and method in READ_METHODS and rows.rows:
-            for ref in rows.refs:
-                served = ref.served
-                self.usage.add(served.view.name, served.version, ref.feature.name, principal.name, len(rows.rows), now)
+            self.usage.add_many(_usage_keys(rows.refs), principal.name, len(rows.rows), now)
         if not hashed:
             return rows
         return replace(rows, rows=[self._hash_row(row, hashed) for row in rows.rows])
@@ -352,10 +350,7 @@ class CountingOpenAccess(OpenAccess):
 
     def present(self, principal: Principal, rows: ServedRows, method: str) -> ServedRows:
         if method in READ_METHODS and rows.rows:
-            now = self._clock()
-            for ref in rows.refs:
-                self.usage.add(ref.served.view.name, ref.served.version, ref.feature.name, principal.name,
-                               len(rows.rows), now)
+            self.usage.add_many(_usage_keys(rows.refs), principal.name, len(rows.rows), self._clock())
         return rows
 
     def flush_usage(self) -> int:
@@ -363,6 +358,10 @@ class CountingOpenAccess(OpenAccess):
 
     def close(self) -> None:
         self.usage.close()
+
+
+def _usage_keys(refs: Sequence[FeatureRef]) -> list[tuple[str, int, str]]:
+    return [(*ref.view_key, ref.feature.name) for ref in refs]
 
 
 def load_policy(
