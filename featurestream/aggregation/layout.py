@@ -100,6 +100,11 @@ class TileGroup:
         )
         # (bound update, offset, index into the extracted values): the per-event inner loop
         self._plan = tuple((m.agg.update, off, vi) for m, off, vi in owners)
+        # members with equal windows read the same tiles: their range is found once per read
+        self._windows = tuple(dict.fromkeys(m.window for m in self.members))
+        self._reads = tuple(
+            (m, off, self._windows.index(m.window)) for m, off in zip(self.members, self.offsets, strict=True)
+        )
 
     def new_row(self) -> Row:
         return list(self._identity)
@@ -144,16 +149,23 @@ class TileGroup:
         edge); without it, every tile in range is merged as stored.
         """
         c = at_ms - at_ms % self.tile_ms if self.tile_ms else 0
-        for m, o in zip(self.members, self.offsets, strict=True):
-            lo, hi = m.window.tile_range(at_ms)
-            a = bisect_left(starts, lo)
+        ranges: list[tuple[int, int, bool] | None] = [None] * len(self._windows)
+        for m, o, wi in self._reads:
+            found = ranges[wi]
+            if found is None:
+                lo, hi = self._windows[wi].tile_range(at_ms)
+                with_partial = partial is not None and lo <= c <= hi
+                found = ranges[wi] = (
+                    bisect_left(starts, lo), bisect_right(starts, c - 1 if with_partial else hi), with_partial
+                )
+            a, b, with_partial = found
             w = m.agg.width
-            if partial is not None and lo <= c <= hi:
-                b = bisect_right(starts, c - 1)
+            if with_partial:
+                assert partial is not None
                 ir = m.agg.merge_columns(
                     [(*col[a:b], p) for col, p in zip(cols[o : o + w], partial[o : o + w], strict=True)]
                 )
-            elif a < (b := bisect_right(starts, hi)):
+            elif a < b:
                 ir = m.agg.merge_columns([col[a:b] for col in cols[o : o + w]])
             else:
                 ir = m.agg.identity()
