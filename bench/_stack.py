@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -43,13 +45,32 @@ class Stack:
     _cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
-        for cleanup in reversed(self._cleanups):
-            with suppress(Exception):
-                cleanup()
-        self._cleanups.clear()
+        run_cleanups(self._cleanups)
 
 
-def _with_path(url: str, path: str) -> str:
+def run_cleanups(cleanups: list[Callable[[], None]]) -> None:
+    """Undo what was set up, newest first, each step whatever the others did."""
+    for cleanup in reversed(cleanups):
+        with suppress(Exception):
+            cleanup()
+    cleanups.clear()
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM to a process started in its own session, SIGKILL if it is not gone in ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def with_path(url: str, path: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=path))
 
 
@@ -120,7 +141,7 @@ def start_stack(redis_db: int = 7) -> Stack:
                 conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
         stack._cleanups.append(drop)
-        stack.postgres_url = _with_path(admin, f"/{name}") if "://" in admin else f"{admin} dbname={name}"
+        stack.postgres_url = with_path(admin, f"/{name}") if "://" in admin else f"{admin} dbname={name}"
         stack.described["postgres"] = f"database {name} on {origin}"
 
         # Redis
@@ -128,7 +149,7 @@ def start_stack(redis_db: int = 7) -> Stack:
         if url:
             stack.described["redis"] = f"{url} (from {ENV_REDIS})"
         else:
-            url = _with_path(MACHINE_REDIS, f"/{redis_db}")
+            url = with_path(MACHINE_REDIS, f"/{redis_db}")
             if _redis_reachable(url):
                 stack.described["redis"] = f"{url} (machine server, database {redis_db})"
             else:

@@ -48,7 +48,7 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _stack import Stack, delete_prefix, start_stack
+from _stack import Stack, delete_prefix, start_stack, stop_process_group
 
 from featurestream.config import ENV_KAFKA, ENV_POSTGRES, ENV_REDIS
 from featurestream.definitions.loader import load_project
@@ -198,13 +198,7 @@ class Worker:
             return 0.0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, 10)
 
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

@@ -31,7 +31,8 @@ from ingest import bench_project
 from featurestream.demo.generator import generate_transactions
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
+from featurestream.stream_jobs.app import build_runtimes
+from featurestream.stream_jobs.processor import Record, SourceProcessor
 
 
 def records_of(events: list[Any], partitions: int, arrival_ms: int) -> list[Record]:
@@ -91,11 +92,7 @@ def main() -> None:
         definition = bench_project(args.views, suffix, work)
         source = definition.source("transactions")
         assert source is not None
-        runtimes = []
-        for view in definition.feature_views:
-            entity = definition.entity(view.entity)
-            assert entity is not None
-            runtimes.append(ViewRuntime.build(view, 1, entity, source))
+        runtimes = build_runtimes(definition, [(v, 1) for v in definition.feature_views])[source.name]
         online = RedisOnlineStore(stack.redis_url, project)
         offline = PostgresOfflineStore(stack.postgres_url)
         now = time.time()

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,12 +53,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _stack import delete_prefix, stop_process_group
 from serving_client import CaseSpec, ClientPool
 from serving_data import (
     Dataset,
     activity_summary,
     apply_definitions,
-    delete_prefix,
     load,
     log,
     sample_users,
@@ -185,15 +184,7 @@ class Server:
                     time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                with suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, 20)
 
 
 def wait_for_serve_command(timeout: float = 900.0) -> None:

@@ -24,15 +24,14 @@ import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
+from _stack import MACHINE_POSTGRES, MACHINE_REDIS, run_cleanups, with_path
 from psycopg import sql
 
 from featurestream.config import ENV_POSTGRES, ENV_REDIS
@@ -42,12 +41,11 @@ from featurestream.demo.generator import generate_transactions
 from featurestream.registry import Registry
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
+from featurestream.stream_jobs.app import build_runtimes
+from featurestream.stream_jobs.processor import Record, SourceProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "definitions"
-MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-MACHINE_REDIS = "redis://127.0.0.1:6379"
 VIEWS = ("user_transactions", "user_spending_profile")
 DAY_S = 86_400
 
@@ -58,10 +56,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=path))
-
-
 @dataclass
 class Services:
     postgres_url: str
@@ -70,10 +64,7 @@ class Services:
     _cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
-        for cleanup in reversed(self._cleanups):
-            with suppress(Exception):
-                cleanup()
-        self._cleanups.clear()
+        run_cleanups(self._cleanups)
 
 
 def start_services(redis_db: int) -> Services:
@@ -90,14 +81,14 @@ def start_services(redis_db: int) -> Services:
                 conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
         services._cleanups.append(drop)
-        services.postgres_url = _with_path(admin, f"/{name}") if "://" in admin else f"{admin} dbname={name}"
+        services.postgres_url = with_path(admin, f"/{name}") if "://" in admin else f"{admin} dbname={name}"
         services.described["postgres"] = f"database {name} on the {origin}"
 
         url = os.environ.get(ENV_REDIS)
         if url:
             services.described["redis"] = f"{url} (from {ENV_REDIS})"
         else:
-            url = _with_path(MACHINE_REDIS, f"/{redis_db}")
+            url = with_path(MACHINE_REDIS, f"/{redis_db}")
             services.described["redis"] = f"{url} (machine server, database {redis_db})"
         client = redis.Redis.from_url(url, socket_connect_timeout=2)
         try:
@@ -109,23 +100,6 @@ def start_services(redis_db: int) -> Services:
         services.close()
         raise
     return services
-
-
-def delete_prefix(redis_url: str, prefix: str) -> int:
-    client = redis.Redis.from_url(redis_url)
-    deleted = 0
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}*", count=5000):
-            batch.append(key)
-            if len(batch) >= 5000:
-                deleted += client.unlink(*batch)
-                batch.clear()
-        if batch:
-            deleted += client.unlink(*batch)
-    finally:
-        client.close()
-    return deleted
 
 
 def bench_definition(project: str) -> ProjectDefinition:
@@ -169,11 +143,7 @@ def load(services: Services, project: str, versions: dict[str, int], events_n: i
     definition = bench_definition(project)
     source = definition.source("transactions")
     assert source is not None
-    runtimes = []
-    for view in definition.feature_views:
-        entity = definition.entity(view.entity)
-        assert entity is not None
-        runtimes.append(ViewRuntime.build(view, versions[view.name], entity, source))
+    runtimes = build_runtimes(definition, [(v, versions[v.name]) for v in definition.feature_views])[source.name]
 
     now = time.time()
     rate = events_n / DAY_S

@@ -50,6 +50,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # bench/: _stack.py
 
 import data  # noqa: E402
 import pyarrow as pa  # noqa: E402

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
+from _stack import stop_process_group
 from psycopg import sql
 
 MARKER = "featurestream:compare-feast:owner"
@@ -110,16 +111,7 @@ class Server:
                            f"{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_process_group(self.proc, 20)
 
 
 def default_feast_venv() -> Path:

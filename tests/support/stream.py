@@ -31,6 +31,7 @@ from featurestream.devstack.topics import create_topics
 from featurestream.registry import Registry
 from featurestream.storage.offline.layout import SCHEMA, table_name
 from featurestream.storage.online.redis_store import RedisOnlineStore, merged_state
+from featurestream.stream_jobs.app import build_runtimes
 from featurestream.stream_jobs.processor import ViewRuntime
 from tests.support.reference import assert_features_match, user_transactions_reference
 
@@ -128,6 +129,14 @@ class Workers:
             self,
             "an assignment",
         )
+
+
+def live_runtimes(registry: Registry, definition: ProjectDefinition) -> list[ViewRuntime]:
+    """The runtimes of every live view of ``definition``'s project (one source), as the worker
+    builds them."""
+    snapshot = registry.snapshot(definition.project.name)
+    [runtimes] = build_runtimes(definition, [(v.spec, v.version) for v in snapshot.views]).values()
+    return runtimes
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, workers: Workers, what: str) -> None:

@@ -19,46 +19,23 @@ from typer.testing import CliRunner
 import featurestream.cli  # noqa: F401  (registers the commands)
 from featurestream.cli.app import app
 from featurestream.config import ENV_POSTGRES, ENV_REDIS
-from featurestream.definitions.models import ProjectDefinition, SlidingWindow
+from featurestream.definitions.models import SlidingWindow
 from featurestream.demo.generator import DemoEvent, to_millis
 from featurestream.offline.backfill import backfill, range_label, read_progress
 from featurestream.offline.rebuild import OfflineView, materialize
-from featurestream.registry import Registry
 from featurestream.serving.service import OnlineService
 from featurestream.storage.offline.layout import qualified, table_name
 from featurestream.storage.offline.postgres import PostgresOfflineStore
-from featurestream.storage.online.redis_store import RedisOnlineStore
-from featurestream.stream_jobs.processor import SourceProcessor, ViewRuntime
-from tests.integration.offline.test_rebuild import START, Demo, demo_definition, demo_events
+from featurestream.stream_jobs.processor import SourceProcessor
+from tests.integration.offline.test_rebuild import START, Demo, demo_events, running_demo
 from tests.support.reference import MINUTE_MS, assert_features_match, in_window, user_transactions_reference
+from tests.support.stream import live_runtimes
 
 
 @pytest.fixture
 def demo(fresh_pg_url: str, redis_url: str) -> Iterator[Demo]:
-    name = f"bf{uuid.uuid4().hex[:8]}"
-    definition = demo_definition(name, ("user_transactions",))
-    registry = Registry(fresh_pg_url)
-    registry.apply(definition)
-    source = definition.source("transactions")
-    assert source is not None
-    online = RedisOnlineStore(redis_url, name)
-    offline = PostgresOfflineStore(fresh_pg_url)
-    clock = [to_millis(START)]
-    processor = SourceProcessor(source, runtimes(registry, definition), online, offline, clock_ms=lambda: clock[0])
-    yield Demo(name, definition, registry, processor, online, offline, clock, [], {}, [])
-    processor.close()
-    online.close()
-    offline.close()
-
-
-def runtimes(registry: Registry, definition: ProjectDefinition) -> list[ViewRuntime]:
-    snapshot = registry.snapshot(definition.project.name)
-    source = definition.source("transactions")
-    assert source is not None
-    return [
-        ViewRuntime.build(v.spec, v.version, definition.entity(v.spec.entity), source)  # type: ignore[arg-type]
-        for v in snapshot.views
-    ]
+    with running_demo(fresh_pg_url, redis_url, f"bf{uuid.uuid4().hex[:8]}", ("user_transactions",)) as d:
+        yield d
 
 
 def by_user(demo: Demo, events: list[DemoEvent]) -> dict[str, list[tuple[int, int, dict[str, Any]]]]:
@@ -220,7 +197,7 @@ def test_a_breaking_change_is_backfilled_materialized_and_served_beside_the_old_
 
     # the worker restarts with both versions and carries on where the archive ended
     demo.processor.close()
-    demo.processor = SourceProcessor(demo.processor.source, runtimes(demo.registry, changed), demo.online,
+    demo.processor = SourceProcessor(demo.processor.source, live_runtimes(demo.registry, changed), demo.online,
                                      demo.offline, clock_ms=lambda: demo.clock[0])
     replay = demo.processor.process(demo.records[-300:])  # Kafka redelivers what was not acknowledged
     assert replay.replayed == 2 * replay.valid  # both versions had it all

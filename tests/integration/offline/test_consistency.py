@@ -20,11 +20,9 @@ from featurestream.config import ENV_POSTGRES, ENV_REDIS
 from featurestream.demo.generator import to_millis
 from featurestream.offline.consistency import check_consistency, same_value
 from featurestream.offline.rebuild import OfflineError, OfflineView
-from featurestream.registry import Registry
-from featurestream.storage.offline.postgres import PostgresOfflineStore
-from featurestream.storage.online.redis_store import RedisOnlineStore, merged_state
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
-from tests.integration.offline.test_rebuild import START, Demo, archived, demo_definition, demo_events
+from featurestream.storage.online.redis_store import merged_state
+from featurestream.stream_jobs.processor import Record
+from tests.integration.offline.test_rebuild import START, Demo, archived, demo_events, running_demo
 
 VIEWS = ("user_transactions", "merchant_activity", "user_spending_profile")
 
@@ -32,25 +30,8 @@ VIEWS = ("user_transactions", "merchant_activity", "user_spending_profile")
 @pytest.fixture
 def demo3(fresh_pg_url: str, redis_url: str) -> Iterator[Demo]:
     """The three demo views (56 + 6 + 4 features: every aggregation and window kind)."""
-    name = f"con{uuid.uuid4().hex[:8]}"
-    definition = demo_definition(name, VIEWS)
-    registry = Registry(fresh_pg_url)
-    registry.apply(definition)
-    snapshot = registry.snapshot(name)
-    source = definition.source("transactions")
-    assert source is not None
-    runtimes = [
-        ViewRuntime.build(v.spec, v.version, definition.entity(v.spec.entity), source)  # type: ignore[arg-type]
-        for v in snapshot.views
-    ]
-    online = RedisOnlineStore(redis_url, name)
-    offline = PostgresOfflineStore(fresh_pg_url)
-    clock = [to_millis(START)]
-    processor = SourceProcessor(source, runtimes, online, offline, clock_ms=lambda: clock[0])
-    yield Demo(name, definition, registry, processor, online, offline, clock, [], {}, [])
-    processor.close()
-    online.close()
-    offline.close()
+    with running_demo(fresh_pg_url, redis_url, f"con{uuid.uuid4().hex[:8]}", VIEWS) as demo:
+        yield demo
 
 
 def test_demo_data_through_the_worker_is_fully_consistent(demo3: Demo, redis_url: str) -> None:

@@ -24,12 +24,9 @@ from featurestream.demo.generator import to_millis
 from featurestream.offline.backfill import backfill
 from featurestream.offline.export import FORMATS, avro_schema, export_history, import_history
 from featurestream.offline.rebuild import OfflineError, OfflineView
-from featurestream.registry import Registry
 from featurestream.storage.offline.layout import qualified, table_name
 from featurestream.storage.offline.postgres import PostgresOfflineStore
-from featurestream.storage.online.redis_store import RedisOnlineStore
-from featurestream.stream_jobs.processor import SourceProcessor, ViewRuntime
-from tests.integration.offline.test_rebuild import START, Demo, demo_definition, demo_events
+from tests.integration.offline.test_rebuild import START, Demo, demo_events, running_demo
 
 MINUTE = 60_000
 
@@ -42,28 +39,13 @@ def history(pg_admin_url: str, redis_url: str) -> Iterator[tuple[Demo, str]]:
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("create database {}").format(psycopg.sql.Identifier(dbname)))
     url = psycopg.conninfo.make_conninfo(pg_admin_url, dbname=dbname)
-    definition = demo_definition(name, ("user_transactions", "merchant_activity"))
-    registry = Registry(url)
-    registry.apply(definition)
-    source = definition.source("transactions")
-    assert source is not None
-    runtimes = [
-        ViewRuntime.build(v.spec, v.version, definition.entity(v.spec.entity), source)  # type: ignore[arg-type]
-        for v in registry.snapshot(name).views
-    ]
-    online, offline = RedisOnlineStore(redis_url, name), PostgresOfflineStore(url)
-    clock = [to_millis(START)]
-    processor = SourceProcessor(source, runtimes, online, offline, clock_ms=lambda: clock[0])
-    demo = Demo(name, definition, registry, processor, online, offline, clock, [], {}, [])
-    demo.send(demo_events(1500))
-    reader = PostgresOfflineStore(url)
-    for view in ("user_transactions", "merchant_activity"):
-        backfill(OfflineView.from_registry(registry, name, view), reader, offline)
-    reader.close()
-    yield demo, url
-    processor.close()
-    online.close()
-    offline.close()
+    with running_demo(url, redis_url, name, ("user_transactions", "merchant_activity")) as demo:
+        demo.send(demo_events(1500))
+        reader = PostgresOfflineStore(url)
+        for view in ("user_transactions", "merchant_activity"):
+            backfill(OfflineView.from_registry(demo.registry, name, view), reader, demo.offline)
+        reader.close()
+        yield demo, url
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("drop database {} with (force)").format(psycopg.sql.Identifier(dbname)))
 

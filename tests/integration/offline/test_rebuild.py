@@ -9,6 +9,7 @@ import math
 import uuid
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +31,8 @@ from featurestream.registry import Registry
 from featurestream.storage.offline.base import ArchivedEvent
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore, merged_state
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
+from featurestream.stream_jobs.processor import Record, SourceProcessor
+from tests.support.stream import live_runtimes
 
 DEMO = Path(__file__).resolve().parents[3] / "definitions"
 START = datetime(2026, 11, 27, 11, 0, tzinfo=UTC)
@@ -82,27 +84,30 @@ def demo_definition(name: str, views: tuple[str, ...]) -> ProjectDefinition:
     })  # fmt: skip
 
 
-@pytest.fixture
-def demo(fresh_pg_url: str, redis_url: str) -> Iterator[Demo]:
-    name = f"off{uuid.uuid4().hex[:8]}"
-    definition = demo_definition(name, ("user_transactions", "merchant_activity"))
-    registry = Registry(fresh_pg_url)
+@contextmanager
+def running_demo(postgres_url: str, redis_url: str, name: str, views: tuple[str, ...]) -> Iterator[Demo]:
+    """The demo ``views`` applied as project ``name`` and the processor a worker would run for
+    them, its clock at START; stores and processor closed on exit."""
+    definition = demo_definition(name, views)
+    registry = Registry(postgres_url)
     registry.apply(definition)
-    snapshot = registry.snapshot(name)
     source = definition.source("transactions")
     assert source is not None
-    runtimes = [
-        ViewRuntime.build(v.spec, v.version, definition.entity(v.spec.entity), source)  # type: ignore[arg-type]
-        for v in snapshot.views
-    ]
-    online = RedisOnlineStore(redis_url, name)
-    offline = PostgresOfflineStore(fresh_pg_url)
+    online, offline = RedisOnlineStore(redis_url, name), PostgresOfflineStore(postgres_url)
     clock = [to_millis(START)]
-    processor = SourceProcessor(source, runtimes, online, offline, clock_ms=lambda: clock[0])
-    yield Demo(name, definition, registry, processor, online, offline, clock, [], {}, [])
-    processor.close()
-    online.close()
-    offline.close()
+    processor = SourceProcessor(source, live_runtimes(registry, definition), online, offline, clock_ms=lambda: clock[0])
+    try:
+        yield Demo(name, definition, registry, processor, online, offline, clock, [], {}, [])
+    finally:
+        processor.close()
+        online.close()
+        offline.close()
+
+
+@pytest.fixture
+def demo(fresh_pg_url: str, redis_url: str) -> Iterator[Demo]:
+    with running_demo(fresh_pg_url, redis_url, f"off{uuid.uuid4().hex[:8]}", ("user_transactions", "merchant_activity")) as d:
+        yield d
 
 
 def demo_events(count: int = 6000, seed: int = 11, start: datetime = START) -> list[DemoEvent]:

@@ -47,8 +47,9 @@ from featurestream.registry import Registry
 from featurestream.serving.service import OnlineService, served_values
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
+from featurestream.stream_jobs.processor import Record, SourceProcessor
 from tests.support.reference import assert_features_match, user_transactions_reference
+from tests.support.stream import live_runtimes
 
 DEMO = Path(__file__).resolve().parents[3] / "definitions"
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -164,17 +165,12 @@ def world(pg_admin_url: str, redis_url: str) -> Iterator[World]:
     definition = _definition(project)
     registry = Registry(url)
     registry.apply(definition)
-    snapshot = registry.snapshot(project)
     source = definition.source("transactions")
     assert source is not None
-    runtimes = [
-        ViewRuntime.build(v.spec, v.version, definition.entity(v.spec.entity), source)  # type: ignore[arg-type]
-        for v in snapshot.views
-    ]
     online = RedisOnlineStore(redis_url, project)
     offline = PostgresOfflineStore(url)
     clock = [NOW_MS]
-    processor = SourceProcessor(source, runtimes, online, offline, clock_ms=lambda: clock[0])
+    processor = SourceProcessor(source, live_runtimes(registry, definition), online, offline, clock_ms=lambda: clock[0])
     offsets: dict[int, int] = defaultdict(int)
     archived: list[Archived] = []
     bursts = [(NOW_MS - 30 * HOUR, 1500, 3), (NOW_MS - 3 * HOUR, 3000, 4)]

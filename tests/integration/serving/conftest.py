@@ -15,7 +15,8 @@ from featurestream.registry import Registry
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
-from featurestream.stream_jobs.processor import Record, SourceProcessor, ViewRuntime
+from featurestream.stream_jobs.processor import Record, SourceProcessor
+from tests.support.stream import live_runtimes
 
 T0 = int(datetime(2026, 11, 27, 10, 0, tzinfo=UTC).timestamp() * 1000)
 MIN = 60_000
@@ -95,14 +96,10 @@ def shop(fresh_pg_url: str, redis_url: str) -> Iterator[ServingProject]:
     registry = Registry(fresh_pg_url)
     registry.apply(definition)
     snapshot = registry.snapshot(name)
-    source = definition.sources[0]
-    runtimes = [
-        ViewRuntime.build(v.spec, v.version, definition.entity(v.spec.entity), source)  # type: ignore[arg-type]
-        for v in snapshot.views
-    ]
     online = RedisOnlineStore(redis_url, name)
     offline = PostgresOfflineStore(fresh_pg_url)
-    processor = SourceProcessor(source, runtimes, online, offline, clock_ms=lambda: T0 + 30 * MIN)
+    processor = SourceProcessor(definition.sources[0], live_runtimes(registry, definition), online, offline,
+                                clock_ms=lambda: T0 + 30 * MIN)
     project = ServingProject(name, definition, snapshot, registry, redis_url, fresh_pg_url, processor)
     project.write(
         [
