@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from featurestream.offline.features import TrainingSetError, ViewGroup
-from featurestream.storage.offline.layout import SCHEMA, qualified, table_name
+from featurestream.storage.offline.layout import qualified, table_exists, table_name
 
 TEMP_TABLE = "fs_training_entities"
 FETCH_ROWS = 5_000
@@ -39,9 +39,7 @@ def _utc_text(epoch_ms: np.ndarray) -> pa.Array:
 
 
 def archive_exists(conn: psycopg.Connection[Any], group: ViewGroup) -> bool:
-    name = sql.Identifier(SCHEMA, table_name("raw", group.source.name)).as_string(conn)
-    row = conn.execute("select to_regclass(%s) is not null", [name]).fetchone()
-    return bool(row and row[0])
+    return table_exists(conn, table_name("raw", group.source.name))
 
 
 def entity_events(

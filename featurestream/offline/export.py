@@ -34,9 +34,9 @@ from psycopg import sql
 
 from featurestream.aggregation.windows import from_millis
 from featurestream.definitions.types import parse_timestamp
-from featurestream.offline.rebuild import OfflineError, OfflineView, Progress
+from featurestream.offline.rebuild import OfflineError, OfflineView, Progress, time_filter
 from featurestream.storage.offline.base import FeatureRow
-from featurestream.storage.offline.layout import qualified, table_name
+from featurestream.storage.offline.layout import qualified, table_exists, table_name
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 
 Format = Literal["parquet", "avro", "csv"]
@@ -135,7 +135,7 @@ def history_table(view: OfflineView) -> str:
 
 
 def count_history(store: PostgresOfflineStore, view: OfflineView, start_ms: int | None, end_ms: int | None) -> int:
-    where, params = _range(start_ms, end_ms)
+    where, params = time_filter((), start_ms, end_ms)
     query = sql.SQL("select count(*) from {} where {}").format(
         qualified(table_name("hist", view.name, view.version)), where
     )
@@ -143,21 +143,8 @@ def count_history(store: PostgresOfflineStore, view: OfflineView, start_ms: int 
     return int(row[0]) if row else 0
 
 
-def _range(start_ms: int | None, end_ms: int | None) -> tuple[sql.Composable, list[Any]]:
-    parts: list[sql.Composable] = [sql.SQL("true")]
-    params: list[Any] = []
-    if start_ms is not None:
-        parts.append(sql.SQL("event_time >= %s"))
-        params.append(from_millis(start_ms))
-    if end_ms is not None:
-        parts.append(sql.SQL("event_time <= %s"))
-        params.append(from_millis(end_ms))
-    return sql.SQL(" and ").join(parts), params
-
-
 def require_history(store: PostgresOfflineStore, view: OfflineView) -> None:
-    row = store.connection.execute("select to_regclass(%s) is not null", [history_table(view)]).fetchone()
-    if not row or not row[0]:
+    if not table_exists(store.connection, table_name("hist", view.name, view.version)):
         raise OfflineError(
             f"no feature history for {view.ref} ({history_table(view)} does not exist): "
             f"run 'featurestream backfill {view.ref}' or the worker first"
@@ -175,7 +162,7 @@ def read_history(
         for c in columns
     ]  # fmt: skip
     order = sql.SQL(", ").join(map(sql.Identifier, [*view.key_fields, *FIXED]))
-    where, params = _range(start_ms, end_ms)
+    where, params = time_filter((), start_ms, end_ms)
     query = sql.SQL("select {} from {} where {} order by {}").format(
         sql.SQL(", ").join(select), qualified(table_name("hist", view.name, view.version)), where, order
     )

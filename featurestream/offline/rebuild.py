@@ -35,7 +35,7 @@ from featurestream.aggregation.windows import from_millis
 from featurestream.definitions.models import ProjectDefinition, Source
 from featurestream.registry.store import Registry
 from featurestream.storage.offline.base import ArchivedEvent
-from featurestream.storage.offline.layout import qualified, table_name
+from featurestream.storage.offline.layout import qualified, table_exists, table_name
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import EntityKey, PartitionState, RedisOnlineStore
 from featurestream.stream_jobs.processor import COMPACT_GRACE_MS, ViewRuntime
@@ -175,10 +175,7 @@ def archive_table(source: Source) -> str:
 
 def require_archive(store: PostgresOfflineStore, source: Source) -> None:
     """A clear error when nothing was ever archived for ``source``."""
-    row = store.connection.execute(
-        "select to_regclass(%s) is not null", [f"fs_offline.{table_name('raw', source.name)}"]
-    ).fetchone()
-    if not row or not row[0]:
+    if not table_exists(store.connection, table_name("raw", source.name)):
         raise OfflineError(
             f"no event archive for source '{source.name}' ({archive_table(source)} does not exist): "
             "the stream worker creates it when it first runs on the source"
@@ -202,8 +199,10 @@ def count_entities(
 def time_filter(
     key_fields: tuple[str, ...], start_ms: int | None, end_ms: int | None
 ) -> tuple[sql.Composable, list[Any]]:
-    """``keys not null [and event_time >= start] [and event_time <= end]`` (ms, both inclusive)."""
-    parts: list[sql.Composable] = [sql.SQL("{} is not null").format(sql.Identifier(k)) for k in key_fields]
+    """``true [and keys not null] [and event_time >= start] [and event_time <= end]`` (ms, both
+    inclusive)."""
+    parts: list[sql.Composable] = [sql.SQL("true")]
+    parts += [sql.SQL("{} is not null").format(sql.Identifier(k)) for k in key_fields]
     params: list[Any] = []
     if start_ms is not None:
         parts.append(sql.SQL("event_time >= %s"))

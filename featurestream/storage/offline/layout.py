@@ -38,6 +38,12 @@ def qualified(table: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(table))
 
 
+def table_exists(conn: psycopg.Connection, table: str) -> bool:
+    """Whether ``fs_offline.{table}`` exists (``table`` as ``table_name`` gives it)."""
+    row = conn.execute("select to_regclass(%s) is not null", [qualified(table).as_string(conn)]).fetchone()
+    return bool(row and row[0])
+
+
 def timescale_available(conn: psycopg.Connection) -> bool:
     row = conn.execute("select 1 from pg_available_extensions where name = 'timescaledb'").fetchone()
     return row is not None
