@@ -15,11 +15,11 @@ from operator import itemgetter
 from typing import Any
 
 from featurestream.aggregation.distinct import DistinctSet
+from featurestream.generations import Generations
 
 FIXED_CODES = frozenset("qd?")
 SHARED_ROWS_KEPT = 20_000
-"""Decoded rows a codec keeps for ``decode_shared``: the recently used ones, between this many
-and twice as many."""
+"""Decoded rows a codec keeps for ``decode_shared`` (``Generations``: the recently used ones)."""
 VAR_CODES = frozenset("SH")
 _QQ = struct.Struct("<qq")
 
@@ -100,7 +100,7 @@ def forget_shared_rows() -> None:
     """Drop every codec's memo of decoded rows (at exit, so the sketches in them are freed
     before their extension module goes)."""
     for codec in list(_CODECS):
-        codec._young, codec._old = {}, {}
+        codec.shared_rows.clear()
 
 
 class RowCodec:
@@ -122,10 +122,7 @@ class RowCodec:
         self._fixed = _getter(fixed)
         self._n_fixed = len(fixed)
         self._decoders = tuple((i, bytes.decode if c == "S" else _sketch) for i, c in self._var)
-        # two generations (a cheap LRU): a full young one becomes the old one, whose rows
-        # survive only if used again
-        self._young: dict[bytes, list[Any]] = {}
-        self._old: dict[bytes, list[Any]] = {}
+        self.shared_rows: Generations[bytes, list[Any]] = Generations(SHARED_ROWS_KEPT)
         _CODECS.add(self)
 
     def encode(self, row: Sequence[Any]) -> bytes:
@@ -167,15 +164,10 @@ class RowCodec:
         """``decode_all`` memoised by the bytes, for readers: most tiles of an entity do not change
         between two reads, and decoding (sketches above all) is the costly part of a read. The row
         is shared between callers: never mutate it."""
-        row = self._young.get(raw)
-        if row is not None:
-            return row
-        row = self._old.pop(raw, None)
+        row = self.shared_rows.get(raw)
         if row is None:
             row = self.decode_all(raw)
-        if len(self._young) >= SHARED_ROWS_KEPT:
-            self._old, self._young = self._young, {}
-        self._young[raw] = row
+            self.shared_rows.put(raw, row)
         return row
 
 

@@ -21,6 +21,7 @@ from redis.retry import Retry
 from featurestream.aggregation.state import StateLayoutError, ViewState
 from featurestream.aggregation.view import ViewAggregator
 from featurestream.definitions.models import ValueCheck
+from featurestream.generations import Generations
 from featurestream.registry.records import ProjectSnapshot
 from featurestream.serving import metrics
 from featurestream.serving.access import ANONYMOUS, AccessPolicy, OpenAccess, Principal
@@ -169,35 +170,6 @@ _NEVER = 2**63
 _MISSING_HASH: dict[bytes, bytes] = {}
 
 
-class _ReadMemo:
-    """Decoded entity hashes by Redis key, reused while a read returns the same bytes.
-
-    Every lookup still reads Redis: this saves decoding (and, within a tile period, evaluating)
-    what did not change, never serves an old value. Two generations make it a cheap LRU.
-    """
-
-    def __init__(self, entries: int) -> None:
-        self.entries = entries
-        self._young: dict[str, _Decoded] = {}
-        self._old: dict[str, _Decoded] = {}
-
-    def peek(self, key: str) -> _Decoded | None:
-        return self._young.get(key) or self._old.get(key)
-
-    def get(self, key: str, fields: dict[bytes, bytes]) -> _Decoded | None:
-        held = self.peek(key)
-        return held if held is not None and held.fields == fields else None
-
-    def clear(self) -> None:
-        self._young, self._old = {}, {}
-
-    def put(self, key: str, decoded: _Decoded) -> None:
-        self._old.pop(key, None)
-        if len(self._young) >= self.entries:
-            self._old, self._young = self._young, {}
-        self._young[key] = decoded
-
-
 class _StateCache:
     """Decoded entity states for a short time, so hot keys skip Redis. Values are still evaluated
     at request time (windows decay exactly); the TTL bounds how late a new event shows."""
@@ -252,7 +224,9 @@ class OnlineService:
             retry=Retry(NoBackoff(), 0),
         )
         self.cache = _StateCache(cache_ttl_ms, cache_entries) if cache_ttl_ms > 0 else None
-        self.memo = _ReadMemo(memo_entries) if memo_entries > 0 else None
+        # The read memo: decoded hashes by Redis key, reused while Redis holds the same bytes
+        # (every lookup still reads Redis; see _read_states).
+        self.memo: Generations[str, _Decoded] | None = Generations(memo_entries) if memo_entries > 0 else None
 
     @property
     def catalog(self) -> Catalog:
@@ -325,7 +299,8 @@ class OnlineService:
         if not misses:
             return out
         # With the memo: a hash whose write token we hold comes back as 1, not as its fields.
-        held = [self.memo.peek(rkey) if self.memo else None for _, rkey in misses]
+        memo = self.memo
+        held = [memo.get(rkey) if memo is not None else None for _, rkey in misses]
         commands = [
             read_command(rkey.encode(), h.token if h is not None else None)
             for (_, rkey), h in zip(misses, held, strict=True)
@@ -338,11 +313,12 @@ class OnlineService:
             decoded: _Decoded | None = h if reply == 1 else None
             if decoded is None:
                 fields = hash_fields(reply)
-                decoded = self.memo.get(rkey, fields) if self.memo else None  # hashes written without a token
-                if decoded is None:
-                    decoded = self._decode(by_view[(ident[0], ident[1])], fields, shared_rows=self.memo is not None)
-                    if self.memo:
-                        self.memo.put(rkey, decoded)
+                if h is not None and h.token is None and h.fields == fields:  # written without a token
+                    decoded = h
+                else:
+                    decoded = self._decode(by_view[(ident[0], ident[1])], fields, shared_rows=memo is not None)
+                    if memo is not None:
+                        memo.put(rkey, decoded)
             out[ident] = decoded
             if self.cache:
                 self.cache.put(rkey, now_ms, decoded)
