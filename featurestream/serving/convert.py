@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from featurestream.generations import Generations
 from featurestream.v1 import featurestream_pb2 as pb
 
 if TYPE_CHECKING:
@@ -235,8 +236,7 @@ def _entity_bytes(entity: dict[str, str]) -> bytes:
                                    for k, v in entity.items()))
 
 
-_VALUES_BYTES: dict[int, tuple[Sequence[ServedValue], bytes]] = {}
-_VALUES_BYTES_KEPT = 20_000
+_VALUES_BYTES: Generations[int, tuple[Sequence[ServedValue], bytes]] = Generations(10_000)
 
 
 def encode_rows(rows: ServedRows) -> bytes:
@@ -258,9 +258,7 @@ def encode_rows(rows: ServedRows) -> bytes:
             encoded = held[1]
         else:
             encoded = _values_bytes(values, shared)
-            if len(memo) >= _VALUES_BYTES_KEPT:
-                memo.clear()
-            memo[id(values)] = (values, encoded)  # holding the list keeps its id from being reused
+            memo.put(id(values), (values, encoded))  # holding the list keeps its id from being reused
         body = _entity_bytes(row.entity) + at + encoded
         out.append(b"\x12" + _varint(len(body)) + body)
     return b"".join(out)

@@ -12,9 +12,9 @@ from typing import Any
 
 from featurestream.aggregation.view import ViewAggregator
 from featurestream.definitions.models import Entity, Feature, FeatureView, ProjectDefinition, ValueCheck
+from featurestream.generations import Generations
 from featurestream.registry.records import ProjectSnapshot
 
-_RESOLVED_KEPT = 4096
 _REF = re.compile(r"^(?P<view>[a-z][a-z0-9_]*)(@(?P<version>[0-9]+))?(:(?P<feature>[a-z][a-z0-9_]*))?$")
 
 
@@ -81,7 +81,7 @@ class Catalog:
             self.views[(live.name, live.version)] = served
             self.latest[live.name] = max(self.latest.get(live.name, 0), live.version)
         # Clients repeat the same feature lists: resolve each list once per snapshot.
-        self._resolved: dict[tuple[tuple[str, ...], str], tuple[FeatureRef, ...]] = {}
+        self._resolved: Generations[tuple[tuple[str, ...], str], tuple[FeatureRef, ...]] = Generations(2048)
 
     def resolve(self, features: list[str], feature_service: str = "") -> tuple[FeatureRef, ...]:
         """The refs a request names, in order, each once; a ``ServingError`` names a bad one.
@@ -90,9 +90,7 @@ class Catalog:
         refs = self._resolved.get(memo_key)
         if refs is None:
             refs = tuple(self._resolve(features, feature_service))
-            if len(self._resolved) >= _RESOLVED_KEPT:
-                self._resolved.clear()
-            self._resolved[memo_key] = refs
+            self._resolved.put(memo_key, refs)
         return refs
 
     def _resolve(self, features: list[str], feature_service: str) -> list[FeatureRef]:

@@ -28,6 +28,7 @@ import redis
 from featurestream.aggregation.state import StateLayoutError, ViewState
 from featurestream.aggregation.view import ViewAggregator
 from featurestream.aggregation.windows import TileKey
+from featurestream.generations import Generations
 
 EntityKey = tuple[Any, ...]
 
@@ -150,8 +151,7 @@ def _tile_field(partition: int, tile: TileKey) -> bytes:
 
 
 _HEADER, _OFFSET, _TILE, _OTHER = 0, 1, 2, 3
-_FIELD_NAMES: dict[bytes, tuple[int, int, TileKey | None]] = {}
-_FIELD_NAMES_KEPT = 200_000
+_FIELD_NAMES: Generations[bytes, tuple[int, int, TileKey | None]] = Generations(100_000)
 
 
 def _field_name(name: bytes) -> tuple[int, int, TileKey | None]:
@@ -172,9 +172,7 @@ def _field_name(name: bytes) -> tuple[int, int, TileKey | None]:
             parsed = (partition, _TILE, TileKey(int(size), int(start)))
         else:  # not ours to read (a newer writer's field, say)
             parsed = (partition, _OTHER, None)
-        if len(_FIELD_NAMES) >= _FIELD_NAMES_KEPT:
-            _FIELD_NAMES.clear()
-        _FIELD_NAMES[name] = parsed
+        _FIELD_NAMES.put(name, parsed)
     return parsed
 
 
