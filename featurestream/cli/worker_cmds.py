@@ -23,6 +23,8 @@ def worker(
     session_timeout: Annotated[float, typer.Option(help="Consumer group session timeout, seconds.")] = 30.0,
     heartbeat_interval: Annotated[float, typer.Option(help="Consumer group heartbeat interval, seconds.")] = 3.0,
     history: Annotated[bool, typer.Option(help="Write feature history rows to PostgreSQL.")] = True,
+    child_process: Annotated[bool, typer.Option(help="Fold and store batches in a child process (a second core) "
+                                                "while Faust reads the next; off: on a thread of this process.")] = True,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "warning",
 ) -> None:
     """Consume every source topic of the project and keep its feature views up to date.
@@ -57,6 +59,7 @@ def worker(
         session_timeout_s=session_timeout,
         heartbeat_interval_s=heartbeat_interval,
         write_history=history,
+        child_process=child_process,
     )
     create_topics(settings.kafka_bootstrap, {s.topic: s.partitions for s in definition.sources if s.name in runtimes})
     if metrics_port:

@@ -1,31 +1,45 @@
 """The Faust application of ``featurestream worker``: one agent per source topic.
 
-Faust gives consumer groups, batching (``take_events``) and acknowledgement after the batch;
-correctness on replay comes from our sinks (``processor.py``), not from Faust's exactly-once
-mode or table changelogs (neither is trusted on the dev broker, see ENVIRONMENT.md).
+Faust gives consumer groups, batching (``take_events``) and acknowledgement; correctness on
+replay comes from our sinks (``processor.py``), not from Faust's exactly-once mode or table
+changelogs (neither is trusted on the dev broker, see ENVIRONMENT.md).
+
+The batches are folded and stored by the ``SourceProcessor``s in a child process of their own
+(``Processors``), so Faust's per-event work on this process and the processing of the previous
+batch run on two cores at once. A batch's messages are acknowledged (and so committed) only
+once the child has stored it: Faust acks a batch when the agent asks for the next one, so each
+message holds one more reference until then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 from faust.types import TP
 
 from featurestream.config import featurestream_home
 from featurestream.definitions.models import FeatureView, ProjectDefinition, Source
+from featurestream.gc_tuning import FrozenHeap
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
 from featurestream.stream_jobs import metrics
 from featurestream.stream_jobs.processor import BatchResult, Record, SourceProcessor, ViewRuntime
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,8 @@ class WorkerSettings:
     write_history: bool = True
     group_id: str | None = None
     fetch_max_wait_ms: int = 100
+    child_process: bool = True
+    """Process the batches in a child process (a second core); off: on a thread of this one."""
 
 
 def _consumer_class(fetch_max_wait_ms: int) -> type[Any]:
@@ -76,6 +92,104 @@ def build_runtimes(
     return by_source
 
 
+# ------------------------------------------------------------------ the processors' side
+
+_processors: dict[str, SourceProcessor] = {}
+"""The executor's process (or thread) holds the worker's processors, by source name."""
+
+
+def _die_with_parent() -> None:
+    """A child whose worker is killed (kill -9 included) dies at once, so no batch of the old
+    worker is still being written when a new one starts."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+
+
+def _start_processors(
+    definition: ProjectDefinition, live: list[tuple[FeatureView, int]], settings: WorkerSettings, in_child: bool
+) -> None:
+    if in_child:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the worker, which stops this process
+    project = definition.project.name
+    for processor in _processors.values():
+        processor.close()
+    _processors.clear()
+    for source_name, views in build_runtimes(definition, live).items():
+        source = definition.source(source_name)
+        assert source is not None  # build_runtimes checked
+        _processors[source_name] = SourceProcessor(
+            source,
+            views,
+            RedisOnlineStore(settings.redis_url, project),
+            PostgresOfflineStore(settings.postgres_url),
+            write_history=settings.write_history,
+        )
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+_heap = FrozenHeap()
+
+
+def _process(source_name: str, rows: list[tuple[int, int, int, bytes | None]]) -> BatchResult:
+    try:
+        return _processors[source_name].process([Record(*row) for row in rows])
+    finally:
+        _heap.settle()  # the entity states outlive the batch: keep full collections off them
+
+
+def _recover(source_name: str) -> None:
+    _processors[source_name].recover()
+
+
+def _forget_partitions(source_name: str, partitions: set[int]) -> None:
+    _processors[source_name].cache.forget_partitions(partitions)
+
+
+class Processors:
+    """The worker's ``SourceProcessor``s behind one executor of one worker: calls run one at a
+    time in submission order, which keeps each source's batches in order. A child process that
+    dies is replaced (its successor reloads states from Redis, as after ``recover``)."""
+
+    def __init__(self, definition: ProjectDefinition, runtimes: dict[str, list[ViewRuntime]], settings: WorkerSettings) -> None:
+        live = [(r.view, r.version) for views in runtimes.values() for r in views]
+        self._init_args = (definition, live, settings, settings.child_process)
+        self._executor = self._start()
+
+    def _start(self) -> Executor:
+        child = self._init_args[-1]
+        executor: Executor
+        if child:
+            executor = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), _start_processors, self._init_args)
+        else:
+            executor = ThreadPoolExecutor(1, "featurestream-sink", _start_processors, self._init_args)
+        pid = executor.submit(_ready).result()  # builds the processors now: their errors surface at startup
+        if child:
+            log.info("batches are processed by child process %d", pid)
+        return executor
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        executor = self._executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except BrokenProcessPool:
+            if executor is self._executor:
+                log.error("the processing child process died; starting another")
+                self._executor = self._start()
+            raise
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------ the Faust side
+
+
 def build_app(
     definition: ProjectDefinition,
     runtimes: dict[str, list[ViewRuntime]],
@@ -101,96 +215,100 @@ def build_app(
         web_enabled=False,
     )
     app.transport.Consumer = _consumer_class(settings.fetch_max_wait_ms)  # type: ignore[misc]  # this app's only
-    # Sink calls block; one thread keeps them off the event loop that heartbeats the group.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestream-sink")
-    processors: list[SourceProcessor] = []
-
-    for source_name, views in runtimes.items():
+    processors = Processors(definition, runtimes, settings)
+    sources: list[Source] = []
+    for source_name in runtimes:
         source = definition.source(source_name)
         if source is None:
             raise ValueError(f"source {source_name!r} is not in the project")
-        processor = SourceProcessor(
-            source,
-            views,
-            RedisOnlineStore(settings.redis_url, project),
-            PostgresOfflineStore(settings.postgres_url),
-            write_history=settings.write_history,
-        )
-        processors.append(processor)
-        _add_agent(app, source, processor, settings, executor)
+        sources.append(source)
+        _add_agent(app, source, processors, settings)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing is narrower than its use
     async def _forget(sender: Any, revoked: set[TP], **_: Any) -> None:
-        for processor in processors:
-            processor.cache.forget_partitions({tp.partition for tp in revoked if tp.topic == processor.source.topic})
+        for source in sources:
+            await processors.call(_forget_partitions, source.name, {tp.partition for tp in revoked if tp.topic == source.topic})
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _report(sender: Any, assigned: set[TP], **_: Any) -> None:
-        for processor in processors:
-            mine = sorted(tp.partition for tp in assigned if tp.topic == processor.source.topic)
-            log.info("assigned %s partitions %s", processor.source.topic, ",".join(map(str, mine)) or "none")
+        for source in sources:
+            mine = sorted(tp.partition for tp in assigned if tp.topic == source.topic)
+            log.info("assigned %s partitions %s", source.topic, ",".join(map(str, mine)) or "none")
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # sent once the consumer has stopped
+    async def _close(sender: Any, **_: Any) -> None:
+        await asyncio.to_thread(processors.close)
 
     return app
 
 
-def _add_agent(
-    app: faust.App, source: Source, processor: SourceProcessor, settings: WorkerSettings, executor: ThreadPoolExecutor
-) -> None:
+def _add_agent(app: faust.App, source: Source, processors: Processors, settings: WorkerSettings) -> None:
     topic = app.topic(source.topic, value_type=bytes, key_type=bytes, partitions=source.partitions)
     dead_letters = app.topic(source.dlq_topic, value_type=bytes, key_type=bytes)
     labels = {"source": source.name}
+    message_out = app.sensors.on_message_out
+    heap = FrozenHeap()
+
+    async def apply(events: list[Any]) -> None:
+        rows = [(m.partition, m.offset, int(m.timestamp * 1000), m.value) for m in (e.message for e in events)]
+        with metrics.BATCH_SECONDS.labels(**labels).time():
+            result = await _process_until_done(processors, source.name, rows)
+            for dead in result.dead_letters:
+                await dead_letters.send(
+                    key=None,
+                    value=dead.record.value or b"",
+                    headers={
+                        "featurestream-reason": dead.reason.encode(),
+                        "featurestream-topic": source.topic.encode(),
+                        "featurestream-partition": str(dead.record.partition).encode(),
+                        "featurestream-offset": str(dead.record.offset).encode(),
+                    },
+                )
+                metrics.DEAD_LETTERS.labels(source=source.name, reason=metrics.reason_class(dead.reason)).inc()
+            if result.dead_letters:
+                await app.producer.flush()
+        for event in events:  # the batch is stored: its offsets may be committed
+            if event.ack():
+                message_out(event.message.tp, event.message.offset, event.message)
+        heap.settle()
+        metrics.BATCH_SIZE.labels(**labels).observe(len(rows))
+        metrics.EVENTS.labels(**labels).inc(result.valid)
+        metrics.REPLAYED.labels(**labels).inc(result.replayed)
+        metrics.REBUILT.labels(**labels).inc(result.rebuilt)
+        for view, count in result.late.items():
+            metrics.LATE.labels(view=view).inc(count)
+        if result.newest_event_ms is not None:
+            metrics.LAG_SECONDS.labels(**labels).set(max(0.0, time.time() - result.newest_event_ms / 1000))
 
     async def consume(stream: faust.StreamT[bytes]) -> None:
-        loop = asyncio.get_running_loop()
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):  # type: ignore[attr-defined]
-            records = [
-                Record(e.message.partition, e.message.offset, int(e.message.timestamp * 1000), e.message.value)
-                for e in events
-            ]
-            with metrics.BATCH_SECONDS.labels(**labels).time():
-                result = await _process_until_done(loop, executor, processor, records)
-                for dead in result.dead_letters:
-                    await dead_letters.send(
-                        key=None,
-                        value=dead.record.value or b"",
-                        headers={
-                            "featurestream-reason": dead.reason.encode(),
-                            "featurestream-topic": source.topic.encode(),
-                            "featurestream-partition": str(dead.record.partition).encode(),
-                            "featurestream-offset": str(dead.record.offset).encode(),
-                        },
-                    )
-                    metrics.DEAD_LETTERS.labels(source=source.name, reason=metrics.reason_class(dead.reason)).inc()
-                if result.dead_letters:
-                    await app.producer.flush()
-            metrics.BATCH_SIZE.labels(**labels).observe(len(records))
-            metrics.EVENTS.labels(**labels).inc(result.valid)
-            metrics.REPLAYED.labels(**labels).inc(result.replayed)
-            metrics.REBUILT.labels(**labels).inc(result.rebuilt)
-            for view, count in result.late.items():
-                metrics.LATE.labels(view=view).inc(count)
-            if result.newest_event_ms is not None:
-                metrics.LAG_SECONDS.labels(**labels).set(max(0.0, time.time() - result.newest_event_ms / 1000))
+        applying: asyncio.Future[None] | None = None
+        try:
+            async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):  # type: ignore[attr-defined]
+                for event in events:
+                    event.message.incref()  # take_events' own ack leaves the message unacked: apply acks it
+                if applying is not None:
+                    await applying  # batches are applied one after the other, in order
+                applying = asyncio.ensure_future(apply(events))
+        finally:
+            if applying is not None and not applying.done():
+                await asyncio.wait({applying}, timeout=settings.session_timeout_s)
 
     app.agent(topic, name=f"featurestream.source.{source.name}")(consume)
 
 
-async def _process_until_done(
-    loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, processor: SourceProcessor, records: list[Record]
-) -> BatchResult:
+async def _process_until_done(processors: Processors, source_name: str, rows: list[tuple[int, int, int, bytes | None]]) -> BatchResult:
     """Retry a batch until the stores take it: nothing is acknowledged before, and a retry of an
     idempotent batch is harmless. A store that is down (a restart) stalls the stream, not loses it."""
     delay = 0.1
     while True:
         try:
-            return await loop.run_in_executor(executor, processor.process, records)
+            return await processors.call(_process, source_name, rows)
         except Exception as exc:  # any store failure; the batch itself is valid or dead-lettered
-            metrics.SINK_FAILURES.labels(source=processor.source.name).inc()
-            log.warning("batch of %d records failed (%s: %s); retrying in %.1fs", len(records), type(exc).__name__, exc, delay)
+            metrics.SINK_FAILURES.labels(source=source_name).inc()
+            log.warning("batch of %d records failed (%s: %s); retrying in %.1fs", len(rows), type(exc).__name__, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
-                await loop.run_in_executor(executor, processor.recover)
+                await processors.call(_recover, source_name)
             except Exception as again:
                 log.warning("reconnect failed (%s); retrying", again)
-

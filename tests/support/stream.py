@@ -90,10 +90,10 @@ class Workers:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *options: str) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"worker{len(self.procs)}.log").open("wb")
         cmd = [sys.executable, "-m", "featurestream.cli", "worker", "--project", self.project.name,
-               "--metrics-port", "0", "--log-level", "info", *TEST_GROUP_SETTINGS]  # fmt: skip
+               "--metrics-port", "0", "--log-level", "info", *TEST_GROUP_SETTINGS, *options]  # fmt: skip
         # cwd: Faust makes its data directory (<app id>-data) there; not in the repository.
         proc = subprocess.Popen(
             cmd,

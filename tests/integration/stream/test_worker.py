@@ -5,6 +5,7 @@ sharing the partitions."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
@@ -62,9 +64,10 @@ def dead_letters(project: Project, expected: int) -> list[dict[str, str]]:
         consumer.close()
 
 
-def test_worker_end_to_end_with_dead_letters(project: Project, workers: Workers) -> None:
+@pytest.mark.parametrize("where", ["--child-process", "--no-child-process"])
+def test_worker_end_to_end_with_dead_letters(project: Project, workers: Workers, where: str) -> None:
     events = demo_events(3000, seed=11)
-    workers.start()
+    workers.start(where)
     produce(project, events)
     valid = sum(e.well_formed for e in events)
     wait_for(lambda: archived(project) >= valid, 90, workers, f"{valid} archived events")
@@ -91,14 +94,48 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(project: Proje
     thread = threading.Thread(target=produce_all)
     thread.start()
     wait_for(lambda: archived(project) > valid // 4, 90, workers, "a quarter of the events")
-    os.killpg(first.pid, signal.SIGKILL)
+    children = psutil.Process(first.pid).children(recursive=True)
+    assert children, "the worker has no child process processing its batches"
+    os.kill(first.pid, signal.SIGKILL)  # the worker's process alone, as a supervisor would: its child must follow
     first.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"processes of the killed worker still run: {alive}"
     killed_at = archived(project)
     assert killed_at < valid, "the worker finished before it was killed; raise the event count"
     workers.start()
     thread.join(60)
     assert producer_done
     wait_for(lambda: archived(project) >= valid, 120, workers, f"{valid} archived events after the restart")
+    time.sleep(0.5)
+    check_values(project, events, to_millis(datetime.now(tz=UTC)))
+    assert archived(project) == valid
+
+
+def _processing_child(workers: Workers) -> int:
+    """The pid of worker 0's newest processing child, from its log."""
+    pids = re.findall(r"batches are processed by child process (\d+)", workers.log_text())
+    assert pids, workers.logs()
+    return int(pids[-1])
+
+
+def test_kill_9_of_the_processing_child_loses_nothing(project: Project, workers: Workers) -> None:
+    """The child that folds and stores the batches dies mid-stream: the worker starts another,
+    which reloads the states from Redis and goes on from the first batch not stored."""
+    events = demo_events(5000, seed=14)
+    valid = sum(e.well_formed for e in events)
+    worker = workers.start()
+    thread = threading.Thread(target=produce, args=(project, events), kwargs={"rate": 1500})
+    thread.start()
+    wait_for(lambda: archived(project) > valid // 4, 90, workers, "a quarter of the events")
+    child = psutil.Process(_processing_child(workers))
+    assert child.ppid() == worker.pid
+    child.kill()
+    thread.join(60)
+    wait_for(lambda: archived(project) >= valid, 120, workers, f"{valid} archived events after the child died")
+    assert worker.poll() is None, workers.logs()
+    assert "the processing child process died" in workers.log_text()
+    successor = _processing_child(workers)
+    assert successor != child.pid and psutil.Process(successor).ppid() == worker.pid
     time.sleep(0.5)
     check_values(project, events, to_millis(datetime.now(tz=UTC)))
     assert archived(project) == valid
