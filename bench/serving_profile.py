@@ -161,9 +161,9 @@ def breakdown(postgres_url: str, redis_url: str, project: str, pool: list[str], 
 
     import featurestream.serving.service as service_module
     from featurestream.aggregation.view import ViewAggregator
+    from featurestream.gc_tuning import tune_gc
     from featurestream.registry import Registry
     from featurestream.serving.convert import encode_rows
-    from featurestream.serving.grpc_server import tune_gc
     from featurestream.serving.service import OnlineService
 
     snapshot = Registry(postgres_url).snapshot(project)

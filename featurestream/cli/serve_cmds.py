@@ -133,10 +133,11 @@ def serve(
     from psycopg_pool import ConnectionPool
 
     from featurestream.config import require
+    from featurestream.gc_tuning import tune_gc
     from featurestream.registry.store import Registry
     from featurestream.serving.catalog_api import RegistryCatalog
     from featurestream.serving.context import ServingContext
-    from featurestream.serving.grpc_server import GrpcServer, GrpcSettings, tune_gc
+    from featurestream.serving.grpc_server import GrpcServer, GrpcSettings
     from featurestream.serving.service import OnlineService, ServingLimits
     from featurestream.serving.snapshots import SnapshotProvider
 

@@ -16,7 +16,6 @@ calls are refused, in-flight calls get ``grace_s`` seconds to finish, and the se
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -374,14 +373,3 @@ class GrpcServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def tune_gc(young: int = 50_000, middle: int = 20, old: int = 100) -> tuple[int, int, int]:
-    """Call once start-up is done: moves what start-up allocated (definitions, snapshots, modules)
-    out of the collector's reach (``gc.freeze``) and makes collections rarer, so full passes over
-    long-lived objects stop landing in request tails. Returns the previous thresholds."""
-    previous = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(young, middle, old)
-    return previous
