@@ -175,17 +175,17 @@ class Worker:
     proc: subprocess.Popen[bytes]
     metrics_port: int
     log_path: Path
-    samples: list[tuple[float, float, float]] = field(default_factory=list)
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
 
-    def cpu_seconds(self) -> float:
-        """CPU of the worker and its processing child."""
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds of the worker's process and of its children (the processing child)."""
         main = psutil.Process(self.proc.pid)
-        total = 0.0
-        for proc in [main, *main.children(recursive=True)]:
+        out = [0.0, 0.0]
+        for i, proc in enumerate([main, *main.children(recursive=True)]):
             with suppress(psutil.NoSuchProcess):
                 times = proc.cpu_times()
-                total += times.user + times.system
-        return total
+                out[min(i, 1)] += times.user + times.system
+        return out[0], out[1]
 
     def rss_mb(self) -> list[float]:
         """Resident memory of the worker and of its children, MB."""
@@ -275,16 +275,19 @@ def measure_worker(worker: Worker, expected: int, timeout: float) -> dict[str, A
         if worker.proc.poll() is not None:
             raise RuntimeError(f"worker exited ({worker.proc.returncode}):\n{worker.tail()}")
         count = worker.events()
-        samples.append((time.perf_counter(), count, worker.cpu_seconds()))
+        samples.append((time.perf_counter(), count, *worker.cpu_seconds()))
         if count >= expected:
             break
         time.sleep(0.25)  # each scrape costs the worker a little; 0.25 s is < 2% of a 15 s phase
     moving = [s for s in samples if s[1] > 0]
     if len(moving) < 2:
         raise RuntimeError(f"worker applied {samples[-1][1] if samples else 0:.0f} events in {timeout:.0f}s:\n{worker.tail()}")
-    (t0, c0, cpu0), (t1, c1, cpu1) = moving[0], moving[-1]
+    (t0, c0, main0, child0), (t1, c1, main1, child1) = moving[0], moving[-1]
+    cpu = (main1 + child1) - (main0 + child0)
     return {"per_s": (c1 - c0) / (t1 - t0), "seconds": t1 - t0, "applied": c1, "complete": c1 >= expected,
-            "per_cpu_s": (c1 - c0) / (cpu1 - cpu0) if cpu1 > cpu0 else None}
+            "per_cpu_s": (c1 - c0) / cpu if cpu > 0 else None,
+            "cpu_us_per_event": {"worker_process": 1e6 * (main1 - main0) / max(c1 - c0, 1),
+                                 "child": 1e6 * (child1 - child0) / max(c1 - c0, 1)}}
 
 
 def archived_counts(pg_url: str, source: str, views: list[tuple[str, int]]) -> dict[str, int]:
@@ -500,8 +503,10 @@ def main() -> None:
         batches = m["featurestream_batch_events_count"] or 1
         mean_batch = m["featurestream_batch_events_sum"] / batches
         mean_batch_ms = 1000 * m["featurestream_batch_seconds_sum"] / batches
+        split = w["cpu_us_per_event"]
         log(f"worker: {_rate(w)} over {w['seconds']:.1f}s ({w['applied']:.0f}/{valid} applied; "
-            f"mean batch {mean_batch:.0f} records, {mean_batch_ms:.1f} ms)")
+            f"mean batch {mean_batch:.0f} records, {mean_batch_ms:.1f} ms; CPU per event: Faust's process "
+            f"{split['worker_process']:.0f} us, processing child {split['child']:.0f} us)")
         if not w["complete"]:
             log("worker did not finish within the time limit: its rate is over the part it did")
         else:
@@ -553,6 +558,7 @@ def main() -> None:
             "faust_bare_per_event_per_s": faust_pe["per_s"] if faust_pe else None,
             "worker_complete": w["complete"],
             "worker_mean_batch": mean_batch,
+            "worker_cpu_us_per_event": w["cpu_us_per_event"],
             "worker_mean_batch_ms": mean_batch_ms,
             "views": [n for n, _ in views],
             "features": features,

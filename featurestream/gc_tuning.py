@@ -36,12 +36,32 @@ class FrozenHeap:
         gc.freeze()
 
 
+_process_heap = FrozenHeap()
+_tuned = False
+
+
+def settle() -> None:
+    """``FrozenHeap.settle`` for this process's one heap (the worker calls it after each batch)."""
+    _process_heap.settle()
+
+
+def settle_after_request() -> None:
+    """Servers call this after each request: it settles the heap once ``tune_gc`` was called
+    (``featurestream serve`` does), and does nothing otherwise (tests, embedding code)."""
+    if _tuned:
+        _process_heap.settle()
+
+
 def tune_gc(young: int = 50_000, middle: int = 20, old: int = 100) -> tuple[int, int, int]:
     """Call once start-up is done: moves what start-up allocated (definitions, snapshots, modules)
-    out of the collector's reach (``gc.freeze``) and makes collections rarer, so full passes over
-    long-lived objects stop landing in request tails. Returns the previous thresholds."""
+    out of the collector's reach (``gc.freeze``) and makes collections rarer; from then on each
+    request's survivors (the read memo's entries) are frozen too (``settle_after_request``), so
+    full passes over long-lived objects stop landing in request tails. Returns the previous
+    thresholds."""
+    global _tuned
     previous = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(young, middle, old)
+    _tuned = True
     return previous

@@ -10,7 +10,9 @@ JSON lines on stdin and answers each with one JSON line on the file descriptor i
   failed call is counted with its error, not timed;
 * ``{"op": "warm", "case": NAME, "payloads": [...]}`` -> ``{"ok": true, "errors": [...]}``: the
   same calls, not kept; after the first warm-up the worker collects and (unless told not to) ``gc.freeze()``s
-  what start-up and warm-up allocated, the same for every target;
+  what start-up and warm-up allocated, and from then on what each call leaves behind (untimed,
+  between calls): the same for every target, so a full collection of whatever a library keeps
+  (memos, caches, pools) never lands in a measured call;
 * ``{"op": "values", "case": NAME, "payloads": [...]}`` -> ``{"values": [...]}`` (for checks);
 * ``{"op": "quit"}``.
 
@@ -67,6 +69,7 @@ def serve(make_target: Callable[[], Any], freeze_gc: bool = True) -> None:
     sys.stdout = sys.stderr
     target = make_target()
     frozen = False
+    between = gc.freeze if freeze_gc else None
 
     def answer(obj: Any) -> None:
         out.write(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -82,7 +85,7 @@ def serve(make_target: Callable[[], Any], freeze_gc: bool = True) -> None:
             if op == "quit":
                 break
             if op == "warm":
-                _, errors = timed(target, command["case"], command["payloads"])
+                _, errors = timed(target, command["case"], command["payloads"], between if frozen else None)
                 if not frozen:
                     gc.collect()
                     if freeze_gc:
@@ -90,7 +93,7 @@ def serve(make_target: Callable[[], Any], freeze_gc: bool = True) -> None:
                     frozen = True
                 answer({"ok": True, "errors": errors})
             elif op == "run":
-                ns, errors = timed(target, command["case"], command["payloads"])
+                ns, errors = timed(target, command["case"], command["payloads"], between if frozen else None)
                 answer({"ns": ns, "errors": errors})
             elif op == "values":
                 answer({"values": [target.values(command["case"], p) for p in command["payloads"]]})
@@ -103,8 +106,10 @@ def serve(make_target: Callable[[], Any], freeze_gc: bool = True) -> None:
         close()
 
 
-def timed(target: Any, case: str, payloads: list[list[str]]) -> tuple[list[int], list[str]]:
-    """Latency of each successful call (ns) and the error of each failed one (not in the latencies)."""
+def timed(target: Any, case: str, payloads: list[list[str]],
+          between: Callable[[], None] | None = None) -> tuple[list[int], list[str]]:
+    """Latency of each successful call (ns) and the error of each failed one (not in the latencies);
+    ``between`` runs after each call, untimed."""
     call = target.call
     clock = time.perf_counter_ns
     out: list[int] = []
@@ -118,4 +123,6 @@ def timed(target: Any, case: str, payloads: list[list[str]]) -> tuple[list[int],
             errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
             continue
         append(clock() - started)
+        if between is not None:
+            between()
     return out, errors

@@ -240,8 +240,8 @@ def write_markdown(result: dict[str, Any], path: Path, png: Path) -> None:
         "file registry with its default cache; `feast serve` with one worker, `--max-requests 0` (no worker "
         "recycling) and no access log. Feast's server runs with Python's default garbage collector.",
         "- featurestream: `featurestream serve` (gRPC and REST in one process), three servers: `--memo-entries 0`, "
-        "the defaults (read memo on, `--cache-ttl-ms 0`) and the state cache on; each freezes start-up objects and raises the collector's thresholds "
-        "once ready (its default); in-process: " + f"`{result.get('online', {}).get('in_process_reader', '-')}`.",
+        "the defaults (read memo on, `--cache-ttl-ms 0`) and the state cache on; each freezes start-up objects, raises the collector's thresholds "
+        "once ready and freezes what each request leaves (its default, `--gc-tuning`); in-process: " + f"`{result.get('online', {}).get('in_process_reader', '-')}`.",
         "- Clients: one process per client, all with the same loop (`bench/compare_feast/loop.py`): each call "
         "builds the request, sends it and decodes the answer (gRPC: `featurestream.Client.get_online`, dicts; "
         "REST, both servers: `http.client` keep-alive + `json`; Feast SDK: `get_online_features(...).to_dict()`; "
@@ -249,7 +249,8 @@ def write_markdown(result: dict[str, Any], path: Path, png: Path) -> None:
         "proportion to their transactions; 100 distinct users per 100-entity call); every client gets the "
         "same requests" + (" (here: uniformly, `--lookups uniform`)" if result.get("online", {}).get("lookups") == "uniform" else "")
         + ". Warm-up, then "
-        + ("a `gc.collect(); gc.freeze()` in every client process (both sides alike), then " if result.get("online", {}).get("gc_freeze_in_clients") else "")
+        + ("a `gc.collect(); gc.freeze()` in every client process and a `gc.freeze()` after each call, untimed (both sides alike: "
+           "no full collection of what a library keeps lands in a measured call), then " if result.get("online", {}).get("gc_freeze_in_clients") else "")
         + "rounds in which featurestream and Feast clients alternate (A/B/A/B, reversed every other round).",
         "- Semantics: featurestream evaluates windows at request time (a 1 h window ends now); Feast serves "
         "the value materialized at the snapshot instant. Same values at that instant, checked above.", "",

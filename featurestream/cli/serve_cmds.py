@@ -122,7 +122,8 @@ def serve(
     drain_delay: Annotated[float, typer.Option(help="On SIGTERM/SIGINT, report NOT_SERVING and keep answering "
                                                "this many seconds before refusing new calls.", min=0.0)] = 0.0,
     gc_tuning: Annotated[bool, typer.Option(help="Freeze start-up objects and raise the collector's "
-                                            "thresholds once ready (shorter latency tails).")] = True,
+                                            "thresholds once ready, then freeze what each request leaves "
+                                            "(the read memo) so that full collections stay short.")] = True,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve the project's features over gRPC and REST until SIGTERM or SIGINT.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import grpc
 
-from featurestream.serving.convert import rows_to_json, timestamp, to_ms
+from featurestream.serving.convert import decode_rows, timestamp, to_ms
 from featurestream.v1 import featurestream_pb2 as pb
 from featurestream.v1 import featurestream_pb2_grpc
 
@@ -91,8 +91,9 @@ class FeatureResult(dict[str, Any]):
         return frame
 
 
-def _result(message: pb.FeatureRows, with_timestamp: bool = False) -> FeatureResult:
-    return FeatureResult(rows_to_json(message, with_timestamp), list(message.feature_names))
+def _result(data: bytes, with_timestamp: bool = False) -> FeatureResult:
+    names, rows = decode_rows(data, with_timestamp)
+    return FeatureResult(rows, names)
 
 
 def _in_request_order(result: FeatureResult, entities: Sequence[Entity]) -> FeatureResult:
@@ -174,6 +175,17 @@ class Client:
             roots = None if tls is True else Path(tls).read_bytes()
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=channel_options)
         self.stub = featurestream_pb2_grpc.FeatureServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        # The calls that answer rows take the response's bytes as they are: decode_rows reads them.
+        service = f"/{pb.DESCRIPTOR.services_by_name['FeatureService'].full_name}/"
+        self._get_online = self.channel.unary_unary(
+            service + "GetOnlineFeatures", request_serializer=pb.GetOnlineFeaturesRequest.SerializeToString
+        )
+        self._get_as_of = self.channel.unary_unary(
+            service + "GetFeaturesAsOf", request_serializer=pb.GetFeaturesAsOfRequest.SerializeToString
+        )
+        self._stream_updates = self.channel.unary_stream(
+            service + "StreamFeatureUpdates", request_serializer=pb.StreamFeatureUpdatesRequest.SerializeToString
+        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -208,7 +220,7 @@ class Client:
         request = pb.GetOnlineFeaturesRequest(
             entities=[_entity(e) for e in entities], features=_features(features), feature_service=feature_service
         )
-        result = _in_request_order(_result(self._call(self.stub.GetOnlineFeatures, request, timeout)), entities)
+        result = _in_request_order(_result(self._call(self._get_online, request, timeout)), entities)
         return result.to_pandas() if as_frame else result
 
     @overload
@@ -239,7 +251,7 @@ class Client:
             feature_service=feature_service,
             as_of_arrival=as_of_arrival,
         )
-        result = _result(self._call(self.stub.GetFeaturesAsOf, request, timeout), with_timestamp=True)
+        result = _result(self._call(self._get_as_of, request, timeout), with_timestamp=True)
         return result.to_pandas() if as_frame else result
 
     def stream_updates(
@@ -252,7 +264,7 @@ class Client:
         request = pb.StreamFeatureUpdatesRequest(
             entities=[_entity(e) for e in entities], features=_features(features), feature_service=feature_service
         )
-        return UpdateStream(self.stub.StreamFeatureUpdates(request, metadata=self._metadata))
+        return UpdateStream(self._stream_updates(request, metadata=self._metadata))
 
     # ------------------------------------------------------------ ingest
 

@@ -7,9 +7,9 @@ same message through the generated classes costs about 2 us per value (a 100 x 5
 pack between two byte strings shared by every value with the same status and event time.
 ``rows_to_pb`` parses those bytes back when a message object is wanted (tests, other callers).
 
-The other direction (``rows_to_json``) is what the Python client and the CLI print:
-``{"entity": {...}, "features": {name: {"value", "status", "event_time"}}}`` per row, event
-times as ISO-8601 UTC strings ending in ``Z``, ``None`` when unknown.
+The other direction (``decode_rows``, from the same wire bytes) is what the Python client and
+the CLI print: ``{"entity": {...}, "features": {name: {"value", "status", "event_time"}}}`` per
+row, event times as ISO-8601 UTC strings ending in ``Z``, ``None`` when unknown.
 
 This module imports nothing of the server (the client uses it).
 """
@@ -39,6 +39,7 @@ _MASK64 = (1 << 64) - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _pack_double = struct.Struct("<d").pack
+_unpack_double = struct.Struct("<d").unpack_from
 
 
 # ---------------------------------------------------------------- times
@@ -77,20 +78,27 @@ def iso_ms(ms: int) -> str:
 
 def iso_timestamp(ts: Timestamp) -> str:
     """An event time: ``...:00Z``, or ``.mmm`` before the Z (finer digits only when present)."""
-    seconds, nanos = ts.seconds, ts.nanos
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    if nanos == 0:
-        return f"{text}Z"
-    if nanos % 1_000_000 == 0:
-        return f"{text}.{nanos // 1_000_000:03d}Z"
-    return iso_value(ts)
+    return _iso_event(ts.seconds, ts.nanos)
 
 
 def iso_value(ts: Timestamp) -> str:
     """A timestamp value as ``datetime.isoformat`` writes it (microseconds when not zero) + ``Z``,
     as the REST API does."""
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts.seconds))
-    micros = ts.nanos // 1000
+    return _iso_value(ts.seconds, ts.nanos)
+
+
+def _iso_event(seconds: int, nanos: int) -> str:
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    if nanos == 0:
+        return f"{text}Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    return _iso_value(seconds, nanos)
+
+
+def _iso_value(seconds: int, nanos: int) -> str:
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    micros = nanos // 1000
     return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
 
 
@@ -313,37 +321,176 @@ def identity(data: bytes) -> bytes:
 # ---------------------------------------------------------------- FeatureRows -> JSON-able dicts
 
 
-def rows_to_json(message: pb.FeatureRows, with_timestamp: bool = False) -> list[dict[str, Any]]:
-    """One ``{"entity", "features"}`` dict per row (``"timestamp"`` too with ``with_timestamp``)."""
-    names = list(message.feature_names)
-    statuses = STATUS_NAMES
-    times: dict[tuple[int, int], str] = {}
-    out = []
-    for row in message.rows:
-        features: dict[str, dict[str, Any]] = {}
-        for name, fv in zip(names, row.values, strict=False):
-            value_msg = fv.value
-            kind = value_msg.WhichOneof("kind")
-            if kind is None:
-                value: Any = None
-            elif kind == "timestamp_value":
-                value = iso_value(value_msg.timestamp_value)
+def decode_rows(data: bytes, with_timestamp: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
+    """The wire bytes of a ``pb.FeatureRows``: its feature names, and one ``{"entity",
+    "features"}`` dict per row (``"timestamp"`` too with ``with_timestamp``).
+
+    Read straight off the bytes: a value's bytes (value, status, event time) decode to the same
+    cell wherever they come, so each distinct one is decoded once and then found in a memo
+    (a 100 x 50 response seen before takes about a seventh of decoding through the generated
+    classes). Each cell is a new dict: callers may change what they get."""
+    names: list[str] = []
+    out: list[dict[str, Any]] = []
+    cells = _CELLS
+    times: dict[bytes, str] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        tag = data[pos]
+        if tag & 0x87 != 0x02:  # not a length-delimited field of a one-byte tag: none of ours
+            pos = _skip_field(data, pos)
+            continue
+        length, pos = _read_varint(data, pos + 1)
+        stop = pos + length
+        if tag == 0x0A:
+            names.append(data[pos:stop].decode())
+        elif tag == 0x12:
+            out.append(_decode_row(data, pos, stop, names, cells, times, with_timestamp))
+        pos = stop
+    return names, out
+
+
+_CELLS: Generations[bytes, tuple[Any, str, str | None]] = Generations(65_536)
+"""Decoded cells by their bytes, shared by every response this process decodes."""
+
+
+def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Generations[bytes, tuple[Any, str, str | None]],
+                times: dict[bytes, str], with_timestamp: bool) -> dict[str, Any]:
+    entity: dict[str, str] = {}
+    features: dict[str, dict[str, Any]] = {}
+    stamp: str | None = None
+    index = 0
+    get = cells.get
+    while pos < end:
+        tag = data[pos]
+        if tag & 0x87 != 0x02:
+            pos = _skip_field(data, pos)
+            continue
+        length, pos = _read_varint(data, pos + 1)
+        stop = pos + length
+        if tag == 0x1A:  # a FeatureValue
+            chunk = data[pos:stop]
+            cell = get(chunk)
+            if cell is None:
+                cell = _decode_cell(data, pos, stop, times)
+                cells.put(chunk, cell)
+            features[names[index]] = {"value": cell[0], "status": cell[1], "event_time": cell[2]}
+            index += 1
+        elif tag == 0x0A:  # the EntityKey: map entries {1: key, 2: value}
+            while pos < stop:
+                entry_length, pos = _read_varint(data, pos + 1)
+                entry_stop = pos + entry_length
+                key = value = ""
+                while pos < entry_stop:
+                    field = data[pos]
+                    size, pos = _read_varint(data, pos + 1)
+                    text = data[pos : pos + size].decode()
+                    pos += size
+                    if field == 0x0A:
+                        key = text
+                    else:
+                        value = text
+                entity[key] = value
+        elif tag == 0x12:
+            stamp = _iso_event(*_read_timestamp(data, pos, stop))
+        pos = stop
+    row: dict[str, Any] = {"entity": entity}
+    if with_timestamp:
+        row["timestamp"] = stamp
+    row["features"] = features
+    return row
+
+
+def _decode_cell(data: bytes, pos: int, end: int, times: dict[bytes, str]) -> tuple[Any, str, str | None]:
+    value: Any = None
+    status = 0
+    event_time: str | None = None
+    while pos < end:
+        tag = data[pos]
+        if tag == 0x10:
+            status, pos = _read_varint(data, pos + 1)
+            continue
+        if tag & 0x87 != 0x02:
+            pos = _skip_field(data, pos)
+            continue
+        length, pos = _read_varint(data, pos + 1)
+        stop = pos + length
+        if tag == 0x0A:
+            value = _decode_value(data, pos, stop)
+        elif tag == 0x1A:
+            raw = data[pos:stop]
+            event_time = times.get(raw)
+            if event_time is None:
+                event_time = times[raw] = _iso_event(*_read_timestamp(data, pos, stop))
+        pos = stop
+    return value, STATUS_NAMES.get(status, "UNSPECIFIED"), event_time
+
+
+def _decode_value(data: bytes, pos: int, end: int) -> Any:
+    """A ``Value`` message: its one set field, or None."""
+    value: Any = None
+    while pos < end:
+        tag = data[pos]
+        if tag == 0x11:
+            value = _unpack_double(data, pos + 1)[0]
+            pos += 9
+        elif tag == 0x08:
+            raw, pos = _read_varint(data, pos + 1)
+            value = raw - (1 << 64) if raw >> 63 else raw
+        elif tag == 0x20:
+            raw, pos = _read_varint(data, pos + 1)
+            value = bool(raw)
+        elif tag == 0x1A or tag == 0x2A:
+            length, pos = _read_varint(data, pos + 1)
+            if tag == 0x1A:
+                value = data[pos : pos + length].decode()
             else:
-                value = getattr(value_msg, kind)
-            event_time: str | None = None
-            if fv.HasField("event_time"):
-                stamp = fv.event_time
-                tkey = (stamp.seconds, stamp.nanos)
-                event_time = times.get(tkey)
-                if event_time is None:
-                    event_time = times[tkey] = iso_timestamp(stamp)
-            features[name] = {"value": value, "status": statuses.get(fv.status, "UNSPECIFIED"), "event_time": event_time}
-        result: dict[str, Any] = {"entity": dict(row.entity.join_keys)}
-        if with_timestamp:
-            result["timestamp"] = iso_timestamp(row.timestamp) if row.HasField("timestamp") else None
-        result["features"] = features
-        out.append(result)
-    return out
+                value = _iso_value(*_read_timestamp(data, pos, pos + length))
+            pos += length
+        else:
+            pos = _skip_field(data, pos)
+    return value
+
+
+def _read_timestamp(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    seconds = nanos = 0
+    while pos < end:
+        tag = data[pos]
+        raw, pos = _read_varint(data, pos + 1)
+        if tag == 0x08:
+            seconds = raw - (1 << 64) if raw >> 63 else raw
+        elif tag == 0x10:
+            nanos = raw
+    return seconds, nanos
+
+
+def _skip_field(data: bytes, pos: int) -> int:
+    """Past the field whose tag starts at ``pos`` (a field this client does not know)."""
+    tag, pos = _read_varint(data, pos)
+    wire_type = tag & 7
+    if wire_type == 0:
+        return _read_varint(data, pos)[1]
+    if wire_type == 1:
+        return pos + 8
+    if wire_type == 2:
+        length, pos = _read_varint(data, pos)
+        return pos + length
+    if wire_type == 5:
+        return pos + 4
+    raise ValueError(f"FeatureRows: unsupported protobuf wire type {wire_type} at byte {pos}")
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    byte = data[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    result, shift = byte & 0x7F, 7
+    while True:
+        pos += 1
+        byte = data[pos]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos + 1
+        shift += 7
 
 
 def entity_keys(entities: Sequence[pb.EntityKey]) -> list[dict[str, str]]:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
+from featurestream.gc_tuning import settle_after_request
 from featurestream.serving.access import Principal
 from featurestream.serving.context import ServingContext, Subscription
 from featurestream.serving.convert import encode_rows, entity_keys, feature_info, identity, timestamp_ms
@@ -102,6 +103,7 @@ class FeatureServiceHandlers:
                 failure = _failure(method, exc)
             else:
                 ok.inc()
+                settle_after_request()
                 return response
             CALLS.labels(method=method, code=failure.code.name).inc()
             ctx.abort(failure.code, failure.message)

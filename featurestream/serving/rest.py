@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import featurestream
+from featurestream.gc_tuning import settle_after_request
 from featurestream.serving.access import Principal
 from featurestream.serving.context import ServingContext
 from featurestream.serving.convert import iso_ms
@@ -345,7 +346,9 @@ def build_app(context: ServingContext, *, max_body_bytes: int = DEFAULT_MAX_BODY
         who = principal(authorization)
         entities = [{k: v if isinstance(v, str) else str(v) for k, v in e.items()} for e in body.entities]
         rows = context.online.get_online(entities, body.features, body.feature_service, who)
-        return JSONBody(rows_to_json(rows))
+        body_out = JSONBody(rows_to_json(rows))
+        settle_after_request()
+        return body_out
 
     @app.post(
         "/v1/features/as-of",
@@ -365,7 +368,9 @@ def build_app(context: ServingContext, *, max_body_bytes: int = DEFAULT_MAX_BODY
             for r in body.rows
         ]
         served = context.as_of.get_as_of(rows, body.features, body.feature_service, who, body.as_of_arrival)
-        return JSONBody(rows_to_json(served, with_timestamp=True))
+        body_out = JSONBody(rows_to_json(served, with_timestamp=True))
+        settle_after_request()
+        return body_out
 
     @app.post(
         "/v1/sources/{source}/events",

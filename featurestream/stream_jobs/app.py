@@ -31,7 +31,7 @@ from faust.types import TP
 
 from featurestream.config import featurestream_home
 from featurestream.definitions.models import FeatureView, ProjectDefinition, Source
-from featurestream.gc_tuning import FrozenHeap
+from featurestream.gc_tuning import settle
 from featurestream.storage.offline.postgres import PostgresOfflineStore
 from featurestream.storage.online.redis_store import RedisOnlineStore
 from featurestream.stream_jobs import metrics
@@ -133,14 +133,11 @@ def _ready() -> int:
     return os.getpid()
 
 
-_heap = FrozenHeap()
-
-
 def _process(source_name: str, rows: list[tuple[int, int, int, bytes | None]]) -> BatchResult:
     try:
         return _processors[source_name].process([Record(*row) for row in rows])
     finally:
-        _heap.settle()  # the entity states outlive the batch: keep full collections off them
+        settle()  # the entity states outlive the batch: keep full collections off them
 
 
 def _recover(source_name: str) -> None:
@@ -247,7 +244,6 @@ def _add_agent(app: faust.App, source: Source, processors: Processors, settings:
     dead_letters = app.topic(source.dlq_topic, value_type=bytes, key_type=bytes)
     labels = {"source": source.name}
     message_out = app.sensors.on_message_out
-    heap = FrozenHeap()
 
     async def apply(events: list[Any]) -> None:
         rows = [(m.partition, m.offset, int(m.timestamp * 1000), m.value) for m in (e.message for e in events)]
@@ -270,7 +266,7 @@ def _add_agent(app: faust.App, source: Source, processors: Processors, settings:
         for event in events:  # the batch is stored: its offsets may be committed
             if event.ack():
                 message_out(event.message.tp, event.message.offset, event.message)
-        heap.settle()
+        settle()
         metrics.BATCH_SIZE.labels(**labels).observe(len(rows))
         metrics.EVENTS.labels(**labels).inc(result.valid)
         metrics.REPLAYED.labels(**labels).inc(result.replayed)

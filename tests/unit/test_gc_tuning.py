@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from featurestream import gc_tuning
 from featurestream.gc_tuning import FrozenHeap
 
 
@@ -47,3 +48,17 @@ def test_a_frozen_cycle_is_freed_by_the_next_full_collection() -> None:
     now[0] = 600.0
     heap.settle()
     assert ref() is None
+
+
+def test_requests_settle_the_heap_only_once_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gc_tuning, "_tuned", False)
+    gc.unfreeze()
+    gc_tuning.settle_after_request()
+    assert gc.get_freeze_count() == 0, "an untuned process (a test, an embedding app) keeps its collector"
+    previous = gc_tuning.tune_gc()
+    try:
+        gc.unfreeze()
+        gc_tuning.settle_after_request()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*previous)

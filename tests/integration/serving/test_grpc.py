@@ -31,7 +31,7 @@ from featurestream.serving.asof import AsOfService
 from featurestream.serving.catalog_api import RegistryCatalog
 from featurestream.serving.client import ClientError
 from featurestream.serving.context import ServingContext
-from featurestream.serving.convert import encode_rows, rows_to_json, rows_to_pb, timestamp, to_value
+from featurestream.serving.convert import decode_rows, encode_rows, rows_to_pb, timestamp, to_value
 from featurestream.serving.grpc_server import SERVICE_NAME, GrpcServer, GrpcSettings
 from featurestream.serving.push import PushService
 from featurestream.serving.refs import FeatureRef, ServingError
@@ -86,7 +86,7 @@ def request(users: Sequence[str | dict[str, str]], features: Sequence[str] = (),
 
 
 def cells(message: pb.FeatureRows) -> list[dict[str, tuple[Any, str]]]:
-    return [{name: (f["value"], f["status"]) for name, f in row["features"].items()} for row in rows_to_json(message)]
+    return [{name: (f["value"], f["status"]) for name, f in row["features"].items()} for row in decode_rows(message.SerializeToString())[1]]
 
 
 def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
@@ -314,11 +314,44 @@ def test_encoded_rows_equal_the_generated_classes() -> None:
                 fv.event_time.CopyFrom(timestamp(v.event_time_ms))
     assert rows_to_pb(rows) == expected
     assert pb.FeatureRows.FromString(encode_rows(rows)) == pb.FeatureRows.FromString(expected.SerializeToString())
-    got = rows_to_json(rows_to_pb(rows))[0]["features"]
+    names_back, decoded = decode_rows(encode_rows(rows), with_timestamp=True)
+    assert names_back == names
+    assert decode_rows(expected.SerializeToString(), with_timestamp=True)[1] == decoded  # either encoder's bytes
+    assert decoded[0]["entity"] == {"user_id": "u1", "shop_id": "7"} and decoded[1]["entity"] == {"k": "é"}
+    assert decoded[0]["timestamp"] == "2026-11-27T10:00:00.123Z" and decoded[1]["timestamp"] == "1970-01-01T00:00:00Z"
+    assert [decoded[0]["features"][n]["value"] for n in names[:11]] == [
+        2, 0, -3, 2**62, 1.5, -0.0, math.inf, True, False, "Zürich ✓", "x" * 300]
+    assert [decoded[0]["features"][n]["status"] for n in names[:3]] == ["PRESENT", "PRESENT", "STALE"]
+    assert decoded[0]["features"]["v:f5"]["status"] == "INVALID" and decoded[0]["features"]["v:f6"]["event_time"] is None
+    got = decoded[0]["features"]
     assert got["v:f11"] == {"value": "2026-11-27T09:59:58.250000Z", "status": "PRESENT", "event_time": "2026-11-27T10:00:00Z"}
     assert got["v:f13"] == {"value": None, "status": "MISSING", "event_time": "2026-11-27T10:00:00Z"}
     assert got["v:f9"]["event_time"] == "2026-11-27T10:00:00.999Z"
     assert got["v:f14"]["event_time"] == "1969-12-31T23:59:58.500Z"
+
+
+def test_decoded_cells_are_the_callers_own_and_unknown_fields_are_skipped() -> None:
+    values = [ServedValue(7, "PRESENT", T0), ServedValue(7, "PRESENT", T0), ServedValue(None, "MISSING", None)]
+    rows = ServedRows(["v:a", "v:b", "v:c"], [], [ServedRow({"user_id": "u1"}, T0, values)])
+    data = encode_rows(rows)
+    first = decode_rows(data)[1]
+    assert first[0]["features"]["v:a"] == first[0]["features"]["v:b"] == {"value": 7, "status": "PRESENT", "event_time": "2026-11-27T10:00:00Z"}
+    first[0]["features"]["v:a"]["value"] = 8  # the memo of decoded cells must not hand this out again
+    assert decode_rows(data)[1][0]["features"]["v:a"]["value"] == 7
+    assert first[0]["features"]["v:b"]["value"] == 7
+
+    # A newer server's fields this client does not know: a varint (15), a fixed64 (13) and a
+    # string (14) at the top level, and a varint field (9) inside a FeatureValue.
+    message = pb.FeatureRows.FromString(data)
+    extended = bytearray(b"\x78\x05" + b"\x69" + bytes(8) + b"\x72\x03abc")
+    extended += message.SerializeToString()
+    row = message.rows[0]
+    value_bytes = row.values[0].SerializeToString() + b"\x48\x01"
+    row_bytes = row.SerializeToString().replace(row.values[0].SerializeToString(), value_bytes, 1)
+    head = pb.FeatureRows(feature_names=message.feature_names).SerializeToString()
+    mangled = head + b"\x12" + bytes([len(row_bytes)]) + row_bytes
+    assert decode_rows(bytes(extended)) == decode_rows(data)
+    assert decode_rows(mangled) == decode_rows(data)
 
 
 # ---------------------------------------------------------------- the other RPCs
