@@ -177,11 +177,15 @@ class Worker:
     log_path: Path
     samples: list[tuple[float, float, float, float]] = field(default_factory=list)
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU seconds of the worker's process and of its children (the processing child)."""
+    def _processes(self) -> list[psutil.Process]:
+        """The worker's process, then its children (the processing child)."""
         main = psutil.Process(self.proc.pid)
+        return [main, *main.children(recursive=True)]
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds of the worker's process and of its children."""
         out = [0.0, 0.0]
-        for i, proc in enumerate([main, *main.children(recursive=True)]):
+        for i, proc in enumerate(self._processes()):
             with suppress(psutil.NoSuchProcess):
                 times = proc.cpu_times()
                 out[min(i, 1)] += times.user + times.system
@@ -189,9 +193,8 @@ class Worker:
 
     def rss_mb(self) -> list[float]:
         """Resident memory of the worker and of its children, MB."""
-        main = psutil.Process(self.proc.pid)
         out = []
-        for proc in [main, *main.children(recursive=True)]:
+        for proc in self._processes():
             with suppress(psutil.NoSuchProcess):
                 out.append(proc.memory_info().rss / 1e6)
         return out

@@ -363,7 +363,6 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
     features: dict[str, dict[str, Any]] = {}
     stamp: str | None = None
     index = 0
-    get = cells.get
     while pos < end:
         tag = data[pos]
         if tag == 0x1A and index == 0:  # the values, the row's last field as servers write it
@@ -385,11 +384,7 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
         length, pos = _read_varint(data, pos + 1)
         stop = pos + length
         if tag == 0x1A:  # a FeatureValue
-            chunk = data[pos:stop]
-            cell = get(chunk)
-            if cell is None:
-                cell = _decode_cell(data, pos, stop, times)
-                cells.put(chunk, cell)
+            cell = _cell(data, pos, stop, cells, times)
             features[names[index]] = {"value": cell[0], "status": cell[1], "event_time": cell[2]}
             index += 1
         elif tag == 0x0A:  # the EntityKey: map entries {1: key, 2: value}
@@ -421,20 +416,25 @@ def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, tu
                    times: dict[bytes, str]) -> tuple[tuple[Any, str, str | None], ...] | None:
     """The cells of a run of FeatureValue fields up to ``end``; None if another field is among them."""
     out = []
-    get = cells.get
     while pos < end:
         if data[pos] != 0x1A:
             return None
         length, pos = _read_varint(data, pos + 1)
         stop = pos + length
-        chunk = data[pos:stop]
-        cell = get(chunk)
-        if cell is None:
-            cell = _decode_cell(data, pos, stop, times)
-            cells.put(chunk, cell)
-        out.append(cell)
+        out.append(_cell(data, pos, stop, cells, times))
         pos = stop
     return tuple(out)
+
+
+def _cell(data: bytes, pos: int, end: int, cells: Generations[bytes, tuple[Any, str, str | None]],
+          times: dict[bytes, str]) -> tuple[Any, str, str | None]:
+    """The FeatureValue in ``data[pos:end]``, from the memo of cells or decoded into it."""
+    chunk = data[pos:end]
+    cell = cells.get(chunk)
+    if cell is None:
+        cell = _decode_cell(data, pos, end, times)
+        cells.put(chunk, cell)
+    return cell
 
 
 def _decode_cell(data: bytes, pos: int, end: int, times: dict[bytes, str]) -> tuple[Any, str, str | None]:

@@ -266,7 +266,8 @@ def _add_agent(app: faust.App, source: Source, processors: Processors, settings:
         for event in events:  # the batch is stored: its offsets may be committed
             if event.ack():
                 message_out(event.message.tp, event.message.offset, event.message)
-        settle()
+        if settings.child_process:  # on a thread, ``_process`` has settled this process's heap already
+            settle()
         metrics.BATCH_SIZE.labels(**labels).observe(len(rows))
         metrics.EVENTS.labels(**labels).inc(result.valid)
         metrics.REPLAYED.labels(**labels).inc(result.replayed)
