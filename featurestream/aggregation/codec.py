@@ -121,7 +121,14 @@ class RowCodec:
         self._struct = struct.Struct("<" + "".join(codes[i] for i in fixed) + "I" * len(self._var))
         self._fixed = _getter(fixed)
         self._n_fixed = len(fixed)
-        self._decoders = tuple((i, bytes.decode if c == "S" else _sketch) for i, c in self._var)
+        self._size = self._struct.size
+        self._decoders = tuple(bytes.decode if c == "S" else _sketch for _, c in self._var)
+        # decode yields the fixed slots, then the variable ones: this puts them in slot order
+        # (None when the variable slots come last already)
+        arrival = fixed + [i for i, _ in self._var]
+        self._in_slot_order = (
+            None if arrival == sorted(arrival) else _getter([arrival.index(k) for k in range(len(codes))])
+        )
         self.shared_rows: Generations[bytes, list[Any]] = Generations(SHARED_ROWS_KEPT)
         _CODECS.add(self)
 
@@ -139,20 +146,24 @@ class RowCodec:
             values = self._struct.unpack_from(buf, pos)
         except struct.error as exc:
             raise CodecError(f"truncated row for layout {self.codes!r}") from exc
-        pos += self._struct.size
+        pos += self._size
         if not self._var:
             return list(values), pos
         n = self._n_fixed
         row = list(values[:n])
-        sizes = values[n:]
-        if pos + sum(sizes) > len(buf):
-            raise CodecError("truncated value")
+        append = row.append
         raw = bytes(buf) if isinstance(buf, memoryview) else buf  # bytes.decode needs bytes
-        for (i, decode), size in zip(self._decoders, sizes, strict=True):
-            end = pos + size
-            row.insert(i, decode(raw[pos:end]))  # ascending: lands at its final index
-            pos = end
-        return row, pos
+        try:
+            for decode, size in zip(self._decoders, values[n:]):
+                end = pos + size
+                append(decode(raw[pos:end]))
+                pos = end
+        except ValueError as exc:  # a broken sketch or string: name the layout
+            raise CodecError(f"bad value in a row of layout {self.codes!r}: {exc}") from None
+        if pos > len(raw):
+            raise CodecError("truncated value")
+        order = self._in_slot_order
+        return (row if order is None else list(order(row))), pos
 
     def decode_all(self, buf: bytes | memoryview) -> list[Any]:
         row, end = self.decode(buf)

@@ -20,6 +20,7 @@ import sys
 from array import array
 from collections.abc import Iterable
 from hashlib import blake2b
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ _ALPHA = 0.7213 / (1 + 1.079 / _M)
 _EXACT, _DENSE = 1, 2
 _F64 = struct.Struct("<d")
 _BIG_ENDIAN = sys.byteorder == "big"
+_SMALL_UNION_BYTES = 8 * EXACT_UP_TO
 
 
 def value_hash(value: Any) -> int:
@@ -59,57 +61,129 @@ def _register(registers: bytearray, h: int) -> None:
         registers[index] = rank
 
 
-class DistinctSet:
-    """The distinct values seen: exact hashes (``hashes``) or HLL registers (``registers``)."""
+def _register_all(registers: np.ndarray, hashes: np.ndarray) -> None:
+    """``_register`` of every hash, vectorised. The low 52 bits convert to float64 exactly, so
+    frexp's exponent is their bit length."""
+    ranks = (_SHIFT + 1 - np.frexp((hashes & np.uint64(_LOW)).astype(np.float64))[1]).astype(np.uint8)
+    np.maximum.at(registers, (hashes >> np.uint64(_SHIFT)).astype(np.intp), ranks)
 
-    __slots__ = ("hashes", "registers")
+
+_new = object.__new__
+_SORTED = attrgetter("_sorted")
+
+
+class DistinctSet:
+    """The distinct values seen: exact hashes (``hashes``) or HLL registers (``registers``).
+
+    An exact set read from bytes (or made by ``union``) keeps its sorted little-endian hashes
+    and builds the Python set only when asked (``hashes``, ``add``): readers merge and count
+    thousands of tile sets per lookup, and ``union`` and ``estimate`` work on the bytes.
+    """
+
+    __slots__ = ("_hashes", "_sorted", "registers")
 
     def __init__(self, hashes: set[int] | None = None, registers: bytearray | None = None) -> None:
-        self.hashes = hashes if hashes is not None or registers is not None else set()
+        self._hashes = hashes if hashes is not None or registers is not None else set()
+        self._sorted: bytes | None = None
         self.registers = registers
+
+    @classmethod
+    def _of_sorted(cls, body: bytes) -> DistinctSet:
+        """An exact set from distinct hashes, sorted, as little-endian u64 bytes."""
+        made = _new(cls)
+        made._hashes = made.registers = None
+        made._sorted = body
+        return made
+
+    @property
+    def hashes(self) -> set[int] | None:
+        """The exact hashes (None once the set is HLL registers)."""
+        if self._hashes is None and self._sorted is not None:
+            held = array("Q", self._sorted)
+            if _BIG_ENDIAN:
+                held.byteswap()
+            self._hashes = set(held)
+        return self._hashes
 
     def add(self, h: int) -> None:
         """Add one value's hash (``value_hash``); the only method that mutates."""
         if self.registers is not None:
             _register(self.registers, h)
             return
-        assert self.hashes is not None
-        self.hashes.add(h)
-        if len(self.hashes) > EXACT_UP_TO:
+        hashes = self.hashes
+        assert hashes is not None
+        self._sorted = None  # the set is the truth from now on
+        hashes.add(h)
+        if len(hashes) > EXACT_UP_TO:
             registers = bytearray(_M)
-            for held in self.hashes:
+            for held in hashes:
                 _register(registers, held)
-            self.hashes, self.registers = None, registers
+            self._hashes, self.registers = None, registers
 
     @classmethod
     def union(cls, sets: Iterable[DistinctSet | None]) -> DistinctSet | None:
         """A new set holding every input's values (None when there is none); inputs unchanged."""
-        hashes: set[int] = set()
+        items = [item for item in sets if item is not None]
+        bodies: list[bytes | None] = list(map(_SORTED, items))
+        others: list[DistinctSet] | None = None
+        if None in bodies:  # not the common case (every input an exact set read from bytes)
+            others = [item for item, body in zip(items, bodies, strict=True) if body is None]
+            bodies = [body for body in bodies if body is not None]
+        if others is None:
+            if not bodies:
+                return None
+            if len(bodies) == 1:  # bytes are immutable: the new set may share them
+                return cls._of_sorted(bodies[0])
+            joined = b"".join(bodies)
+            if len(joined) <= _SMALL_UNION_BYTES:  # at most EXACT_UP_TO hashes: a Python set is cheapest
+                held = array("Q", joined)
+                if _BIG_ENDIAN:
+                    held.byteswap()
+                made = _new(cls)
+                made._hashes, made._sorted, made.registers = set(held), None, None
+                return made
+            bodies = [joined]
+        return cls._union_of(bodies, others or [])
+
+    @classmethod
+    def _union_of(cls, bodies: list[bytes], others: list[DistinctSet]) -> DistinctSet:
+        """``union`` of sorted hash bytes and of sets held as Python sets or registers."""
         dense: np.ndarray | None = None
-        seen = False
-        for item in sets:
-            if item is None:
-                continue
-            seen = True
+        held_sets: list[set[int]] = []
+        for item in others:
             if item.registers is not None:
                 regs = np.frombuffer(item.registers, dtype=np.uint8)
                 dense = regs.copy() if dense is None else np.maximum(dense, regs, out=dense)
             else:
-                assert item.hashes is not None
-                hashes |= item.hashes
-        if not seen:
-            return None
+                assert item._hashes is not None
+                held_sets.append(item._hashes)
+        if dense is None:
+            union = set().union(*held_sets)
+            if not bodies and len(union) <= EXACT_UP_TO:
+                return cls(union)
+            if bodies and len(union) + sum(map(len, bodies)) // 8 <= EXACT_UP_TO:
+                held = array("Q", b"".join(bodies))
+                if _BIG_ENDIAN:
+                    held.byteswap()
+                union.update(held)
+                return cls(union)
+            held_sets = [union]
+        if held_sets:
+            bodies.append(np.fromiter(set().union(*held_sets), dtype=np.uint64).astype("<u8").tobytes())
+        hashes = np.unique(np.frombuffer(b"".join(bodies), dtype="<u8"))
         if dense is None and len(hashes) <= EXACT_UP_TO:
-            return cls(hashes)
-        registers = bytearray(_M) if dense is None else bytearray(dense.tobytes())
-        for h in hashes:
-            _register(registers, h)
-        return cls(None, registers)
+            return cls._of_sorted(hashes.tobytes())
+        registers = np.zeros(_M, dtype=np.uint8) if dense is None else dense
+        if len(hashes):
+            _register_all(registers, hashes.astype(np.uint64))
+        return cls(None, bytearray(registers.tobytes()))
 
     def estimate(self) -> float:
         if self.registers is None:
-            assert self.hashes is not None
-            return float(len(self.hashes))
+            if self._hashes is None and self._sorted is not None:
+                return float(len(self._sorted) // 8)
+            assert self._hashes is not None
+            return float(len(self._hashes))
         regs = np.frombuffer(self.registers, dtype=np.uint8)
         raw = _ALPHA * _M * _M / float(np.ldexp(1.0, -regs.astype(np.int64)).sum())
         zeros = int(np.count_nonzero(regs == 0))
@@ -120,27 +194,29 @@ class DistinctSet:
     def to_bytes(self) -> bytes:
         if self.registers is not None:
             return bytes((_DENSE,)) + bytes(self.registers)
-        assert self.hashes is not None
-        hashes = array("Q", sorted(self.hashes))
+        if self._hashes is None and self._sorted is not None:
+            return bytes((_EXACT,)) + self._sorted
+        assert self._hashes is not None
+        hashes = array("Q", sorted(self._hashes))
         if _BIG_ENDIAN:  # the bytes are little-endian everywhere
             hashes.byteswap()
         return bytes((_EXACT,)) + hashes.tobytes()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> DistinctSet:
-        kind, body = raw[0], raw[1:]
-        if kind == _DENSE and len(body) == _M:
-            return cls(None, bytearray(body))
-        if kind == _EXACT and len(body) % 8 == 0:
-            hashes = array("Q", body)
-            if _BIG_ENDIAN:
-                hashes.byteswap()
-            return cls(set(hashes))
-        raise ValueError(f"not a distinct set (kind {kind}, {len(body)} bytes)")
+        kind = raw[0]
+        if kind == _EXACT and len(raw) % 8 == 1:  # to_bytes wrote them sorted and distinct
+            made = _new(cls)
+            made._hashes = made.registers = None
+            made._sorted = raw[1:]
+            return made
+        if kind == _DENSE and len(raw) == _M + 1:
+            return cls(None, bytearray(raw[1:]))
+        raise ValueError(f"not a distinct set (kind {kind}, {len(raw) - 1} bytes)")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DistinctSet) and (self.hashes, self.registers) == (other.hashes, other.registers)
 
     def __repr__(self) -> str:
-        form = f"{len(self.hashes)} hashes" if self.hashes is not None else "registers"
+        form = "registers" if self.registers is not None else f"{self.estimate():.0f} hashes"
         return f"DistinctSet({form}, ~{self.estimate():.0f})"

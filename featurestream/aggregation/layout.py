@@ -27,10 +27,16 @@ from featurestream.definitions.models import (
 from featurestream.definitions.types import parse_timestamp
 
 Row = list[Any]
+GroupColumns = tuple[list[int], list[tuple[Any, ...]]]
+"""A tile group's sorted tile starts, and slot k of those tiles as column k."""
 STATE_FORMAT = 3
 """Part of every layout fingerprint: bumped when a slot's bytes change meaning (2: distinct sets
 replaced HLL sketches; 3: members that differ only in their window share one IR), so states of
 an old format are rebuilt rather than misread."""
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _output_cast(natural: str, declared: str) -> Callable[[Any], Any]:
@@ -38,7 +44,7 @@ def _output_cast(natural: str, declared: str) -> Callable[[Any], Any]:
         return lambda v: None if v is None else from_micros(v)
     if declared == "float64":
         return lambda v: None if v is None else float(v)
-    return lambda v: v
+    return _same
 
 
 class FeatureAggregator:
@@ -105,6 +111,13 @@ class TileGroup:
         self._reads = tuple(
             (m, off, self._windows.index(m.window)) for m, off in zip(self.members, self.offsets, strict=True)
         )
+        # evaluate's inner loop, with every lookup done once: (name, merge_columns, finalize,
+        # cast or None, offset, width, window index, identity IR)
+        self._eval_plan = tuple(
+            (m.name, m.agg.merge_columns, m.agg.finalize, None if m.cast is _same else m.cast, off, m.agg.width, wi,
+             m.agg.identity())
+            for m, off, wi in self._reads
+        )
 
     def new_row(self) -> Row:
         return list(self._identity)
@@ -121,12 +134,21 @@ class TileGroup:
             out.extend(m.agg.merge_columns(list(zip(a[o : o + w], b[o : o + w], strict=True))))
         return out
 
-    def columns(self, tiles: Mapping[int, Row]) -> tuple[list[int], list[tuple[Any, ...]]]:
+    def columns(self, tiles: Mapping[int, Row]) -> GroupColumns:
         """Sorted tile starts, and slot k of those tiles as column k (one C-level transpose)."""
         starts = sorted(tiles)
         if not starts:
             return starts, [()] * len(self.slots)
         return starts, list(zip(*(tiles[s] for s in starts), strict=True))
+
+    def window_ranges(self, starts: Sequence[int], at_ms: int) -> list[int]:
+        """Per window of the group, the index range of ``starts`` a read at ``at_ms`` merges
+        (as ``evaluate`` finds it without ``partial``), flattened."""
+        out: list[int] = []
+        for window in self._windows:
+            lo, hi = window.tile_range(at_ms)
+            out += (bisect_left(starts, lo), bisect_right(starts, hi))
+        return out
 
     def oldest_needed(self, at_ms: int) -> int:
         """Start of the oldest tile any member reads at or after ``at_ms``."""
@@ -150,7 +172,7 @@ class TileGroup:
         """
         c = at_ms - at_ms % self.tile_ms if self.tile_ms else 0
         ranges: list[tuple[int, int, bool] | None] = [None] * len(self._windows)
-        for m, o, wi in self._reads:
+        for name, merge, finalize, cast, o, w, wi, identity in self._eval_plan:
             found = ranges[wi]
             if found is None:
                 lo, hi = self._windows[wi].tile_range(at_ms)
@@ -159,17 +181,17 @@ class TileGroup:
                     bisect_left(starts, lo), bisect_right(starts, c - 1 if with_partial else hi), with_partial
                 )
             a, b, with_partial = found
-            w = m.agg.width
             if with_partial:
                 assert partial is not None
-                ir = m.agg.merge_columns(
-                    [(*col[a:b], p) for col, p in zip(cols[o : o + w], partial[o : o + w], strict=True)]
-                )
-            elif a < b:
-                ir = m.agg.merge_columns([col[a:b] for col in cols[o : o + w]])
+                ir = merge([(*col[a:b], p) for col, p in zip(cols[o : o + w], partial[o : o + w], strict=True)])
+            elif a >= b:
+                ir = identity
+            elif w == 1:
+                ir = merge((cols[o][a:b],))
             else:
-                ir = m.agg.identity()
-            out[m.name] = m.output(ir)
+                ir = merge([col[a:b] for col in cols[o : o + w]])
+            value = finalize(ir)
+            out[name] = value if cast is None else cast(value)
 
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {

@@ -19,7 +19,7 @@ from typing import Any
 from featurestream.aggregation import batch
 from featurestream.aggregation import state as codec
 from featurestream.aggregation.codec import HeadEvent
-from featurestream.aggregation.layout import FeatureAggregator, Row, TileGroup, ViewLayout
+from featurestream.aggregation.layout import FeatureAggregator, GroupColumns, Row, TileGroup, ViewLayout
 from featurestream.aggregation.state import FoldResult, ViewState
 from featurestream.aggregation.windows import NO_HEAD_START, Instant, TileKey, to_millis
 from featurestream.definitions.models import FeatureView, Source
@@ -187,31 +187,60 @@ class ViewAggregator:
 
     # ------------------------------------------------------------ reading
 
-    def evaluate(self, state: ViewState, at: Instant) -> dict[str, Any]:
+    def evaluate(
+        self, state: ViewState, at: Instant, columns: Sequence[GroupColumns] | None = None
+    ) -> dict[str, Any]:
         """Every feature's value at ``at``: tiles in each window plus head events <= ``at``.
 
         Exact at the near edge for ``at >= state.head_start``; earlier reads may include events
-        in (at, head_start) of the tile holding ``at``.
+        in (at, head_start) of the tile holding ``at``. ``columns``: ``self.columns(state)``,
+        kept by a reader that evaluates one state many times.
         """
         at_ms = to_millis(at)
         pending = [rec for rec in state.head if rec[0] <= at_ms]
+        if columns is None or pending:
+            columns = self.columns(state, pending)
         out: dict[str, Any] = {}
-        for group, tiles in zip(self.layout.groups, state.tiles, strict=True):
-            if pending:
-                tiles = self._with_head(group, tiles, pending)
-            starts, cols = group.columns(tiles)
+        for group, (starts, cols) in zip(self.layout.groups, columns, strict=True):
             group.evaluate(out, starts, cols, at_ms)
         return out
+
+    def columns(
+        self, state: ViewState, pending: Sequence[HeadEvent] = ()
+    ) -> list[GroupColumns]:
+        """Per group, the sorted tile starts and the tiles' slots as columns (``TileGroup.columns``),
+        with ``pending`` head events merged in."""
+        return [
+            group.columns(self._with_head(group, tiles, pending) if pending else tiles)
+            for group, tiles in zip(self.layout.groups, state.tiles, strict=True)
+        ]
 
     def evaluation_key(self, state: ViewState, at: Instant) -> tuple[int, ...]:
         """Two reads of one state with equal keys evaluate to equal values: a read time matters
         only through the tile holding it, per group, and the head events at or before it (a
-        set that only grows with time, so its size names it)."""
+        set that only grows with time, so its size names it). Cheap; see also ``window_key``."""
         at_ms = to_millis(at)
         return (
             *[at_ms - at_ms % tile if tile else 0 for tile in self._tile_sizes],
             sum(1 for rec in state.head if rec[0] <= at_ms),
         )
+
+    def window_key(
+        self, state: ViewState, at: Instant, columns: Sequence[GroupColumns]
+    ) -> tuple[int, ...]:
+        """A finer ``evaluation_key``: equal keys, equal values. With no head event at or before
+        ``at``, values depend on the read time only through which stored tiles each window
+        covers, so a read in a new minute whose windows lost no tile (most entities, most
+        minutes) keeps its values. ``columns``: ``self.columns(state)``."""
+        key = self.evaluation_key(state, at)
+        if key[-1]:  # head events pending: they add tiles of their own, keep the coarse key
+            return key
+        at_ms = to_millis(at)
+        ranges: list[int] = []
+        for group, (starts, _) in zip(self.layout.groups, columns, strict=True):
+            ranges.extend(group.window_ranges(starts, at_ms))
+        ranges.append(-1)  # never equal to a coarse key (whose last item is >= 1 here)
+        return tuple(ranges)
 
     @staticmethod
     def _with_head(group: TileGroup, tiles: dict[int, Row], pending: list[HeadEvent]) -> dict[int, Row]:

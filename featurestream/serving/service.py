@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+from featurestream.aggregation.layout import GroupColumns
 from featurestream.aggregation.state import StateLayoutError, ViewState
 from featurestream.aggregation.view import ViewAggregator
 from featurestream.definitions.models import ValueCheck
@@ -127,24 +128,37 @@ class _Decoded:
     fields: dict[bytes, bytes]
     state: ViewState | None
     newest_ms: int | None
-    evaluated: tuple[tuple[int, ...], dict[str, Any]] | None = None
-    """(``evaluation_key``, values): one attribute, so concurrent requests swap it atomically."""
+    evaluated: tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]] | None = None
+    """(``evaluation_key``, ``window_key``, values): one attribute, so concurrent requests swap
+    it atomically."""
     token: bytes | None = None
     """The hash's write token when read (``redis_store.WRITE_TOKEN``)."""
     served: tuple[object, tuple[int, ...], int, int, list[ServedValue]] | None = None
-    """(refs, evaluation key, computed at, valid until, served values) of the last request."""
+    """(refs, window key, computed at, valid until, served values) of the last request."""
+    columns: list[GroupColumns] | None = None
+    """``ViewAggregator.columns`` of the state, made at the first evaluation."""
 
     def values(self, agg: ViewAggregator, now_ms: int) -> tuple[tuple[int, ...], dict[str, Any]]:
-        """The evaluation key at ``now_ms`` and the values, evaluated once per key."""
-        if self.state is None:
+        """The window key at ``now_ms`` and the values, evaluated once per key. The cheap
+        ``evaluation_key`` is tried first; when it moved (a new minute), the ``window_key``
+        often has not, and the values stand."""
+        state = self.state
+        if state is None:
             return (), {}
-        key = agg.evaluation_key(self.state, now_ms)
+        coarse = agg.evaluation_key(state, now_ms)
         held = self.evaluated
-        if held is not None and held[0] == key:
-            return held
-        evaluated = (key, agg.evaluate(self.state, now_ms))
-        self.evaluated = evaluated
-        return evaluated
+        if held is not None and held[0] == coarse:
+            return held[1], held[2]
+        columns = self.columns
+        if columns is None:
+            columns = self.columns = agg.columns(state)
+        fine = agg.window_key(state, now_ms, columns)
+        if held is not None and held[1] == fine:
+            self.evaluated = (coarse, fine, held[2])
+            return fine, held[2]
+        values = agg.evaluate(state, now_ms, columns)
+        self.evaluated = (coarse, fine, values)
+        return fine, values
 
     def served_values(
         self, agg: ViewAggregator, refs: Sequence[FeatureRef], view_key: tuple[str, int], now_ms: int

@@ -216,3 +216,43 @@ def test_int64_sum_beyond_int64_is_a_codec_error() -> None:
     agg = make_aggregator("sum", "int64")
     with pytest.raises(CodecError):
         agg.encode(fold(agg, [(0, 0, 2**62), (0, 0, 2**62)]))
+
+
+@given(n=st.integers(0, 2_500), seed=st.integers(0, 2**32), through_bytes=st.lists(st.booleans(), min_size=6, max_size=6))
+@settings(deadline=None, max_examples=40)
+def test_count_distinct_read_from_bytes_merges_and_grows_like_sets_held(
+    n: int, seed: int, through_bytes: list[bool]
+) -> None:
+    """Sets decoded from bytes (kept as sorted bytes until needed) merge, count, add and encode
+    exactly as sets built in memory: the reader and the worker share these objects' format."""
+    import random
+
+    from featurestream.aggregation.distinct import DistinctSet, value_hash
+
+    order = random.Random(seed)
+    values = [order.randrange(3_000) for _ in range(n)]
+    splits = [order.randrange(6) for _ in range(n)]
+    parts: list[DistinctSet | None] = []
+    for k in range(6):
+        held = DistinctSet()
+        for v, p in zip(values, splits, strict=True):
+            if p == k:
+                held.add(value_hash(v))
+        parts.append(DistinctSet.from_bytes(held.to_bytes()) if through_bytes[k] else held)
+    parts.append(None)
+    whole = DistinctSet()
+    for v in values:
+        whole.add(value_hash(v))
+    merged = DistinctSet.union(parts)
+    assert merged is not None
+    assert merged == whole and merged.estimate() == whole.estimate()
+    assert DistinctSet.from_bytes(merged.to_bytes()) == whole
+    assert merged.to_bytes() == whole.to_bytes()
+    # a decoded set grows like the set it was written from; the union's inputs stay as they were
+    before = [p.to_bytes() for p in parts if p is not None]
+    extra = [value_hash(order.randrange(3_000, 6_000)) for _ in range(order.randrange(0, 600))]
+    for h in extra:
+        merged.add(h)
+        whole.add(h)
+    assert merged == whole and merged.to_bytes() == whole.to_bytes()
+    assert [p.to_bytes() for p in parts if p is not None] == before

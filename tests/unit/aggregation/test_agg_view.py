@@ -134,6 +134,54 @@ def test_reads_with_equal_evaluation_keys_evaluate_alike(events: Events, at: int
             check(AGG.evaluate(state, t), events, t)
 
 
+
+@given(
+    events=event_lists(),
+    at=read_times,
+    later=st.lists(st.integers(0, 2 * HOUR), min_size=1, max_size=8),
+    lag=st.integers(0, HOUR),
+)
+@settings(deadline=None)
+def test_reads_with_equal_window_keys_evaluate_alike(events: Events, at: int, later: list[int], lag: int) -> None:
+    """The finer key a reader falls back to in a new minute: equal keys, equal values, and
+    evaluating from kept columns is evaluating from the state."""
+    state = AGG.new_state()
+    AGG.fold(state, events, seqs(events))
+    AGG.compact(state, at - lag)
+    columns = AGG.columns(state)
+    first = AGG.evaluate(state, at, columns)
+    assert first == AGG.evaluate(state, at)
+    for step in later:
+        t = at + step
+        values = AGG.evaluate(state, t, columns)
+        assert values == AGG.evaluate(state, t)
+        if AGG.window_key(state, t, columns) == AGG.window_key(state, at, columns):
+            assert values == first, step
+        else:
+            check(values, events, t)
+
+
+def test_a_new_minute_keeps_the_window_key_while_no_window_loses_a_tile() -> None:
+    """Events older than every window but the 2-day one and the lifetime: minutes pass, the
+    coarse key moves, the window key does not, until the 2-day window loses the tiles."""
+    events = [
+        {"t": BASE + 10 * MIN + i, "seq": i, "event_time": EPOCH + timedelta(milliseconds=BASE + 10 * MIN + i),
+         "amount": 1.5, "qty": i, "country": "fr", "flag": True, "ts": None}
+        for i in range(3)
+    ]
+    at = BASE + 5 * HOUR
+    state = AGG.new_state()
+    AGG.fold(state, events, seqs(events))
+    AGG.compact(state, at)
+    columns = AGG.columns(state)
+    later = at + 7 * MIN
+    assert AGG.evaluation_key(state, later) != AGG.evaluation_key(state, at)
+    assert AGG.window_key(state, later, columns) == AGG.window_key(state, at, columns)
+    assert AGG.evaluate(state, later) == AGG.evaluate(state, at)
+    gone = at + 48 * HOUR
+    assert AGG.window_key(state, gone, columns) != AGG.window_key(state, at, columns)
+    check(AGG.evaluate(state, gone, columns), events, gone)
+
 def view_of(*features: dict[str, Any], filters: tuple[dict[str, Any], ...] = ()) -> ViewAggregator:
     return ViewAggregator(make_view([Feature.model_validate(f) for f in features], filters), FIELD_TYPES)
 
