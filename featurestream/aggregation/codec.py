@@ -154,7 +154,7 @@ class RowCodec:
         append = row.append
         raw = bytes(buf) if isinstance(buf, memoryview) else buf  # bytes.decode needs bytes
         try:
-            for decode, size in zip(self._decoders, values[n:]):
+            for decode, size in zip(self._decoders, values[n:], strict=True):
                 end = pos + size
                 append(decode(raw[pos:end]))
                 pos = end
