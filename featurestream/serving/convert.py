@@ -416,12 +416,23 @@ def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, tu
                    times: dict[bytes, str]) -> tuple[tuple[Any, str, str | None], ...] | None:
     """The cells of a run of FeatureValue fields up to ``end``; None if another field is among them."""
     out = []
+    append = out.append
+    known = cells.get
     while pos < end:
         if data[pos] != 0x1A:
             return None
-        length, pos = _read_varint(data, pos + 1)
+        length = data[pos + 1]
+        if length < 0x80:  # a one-byte length: nearly every value (inlined for speed)
+            pos += 2
+        else:
+            length, pos = _read_varint(data, pos + 1)
         stop = pos + length
-        out.append(_cell(data, pos, stop, cells, times))
+        chunk = data[pos:stop]
+        cell = known(chunk)
+        if cell is None:
+            cell = _decode_cell(data, pos, stop, times)
+            cells.put(chunk, cell)
+        append(cell)
         pos = stop
     return tuple(out)
 
