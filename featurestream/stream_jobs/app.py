@@ -157,6 +157,7 @@ class Processors:
         live = [(r.view, r.version) for views in runtimes.values() for r in views]
         self._init_args = (definition, live, settings, settings.child_process)
         self._executor = self._start()
+        self._replacing = asyncio.Lock()
 
     def _start(self) -> Executor:
         child = self._init_args[-1]
@@ -175,10 +176,18 @@ class Processors:
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except BrokenProcessPool:
-            if executor is self._executor:
-                log.error("the processing child process died; starting another")
-                self._executor = self._start()
+            await self._replace(executor)
             raise
+
+    async def _replace(self, broken: Executor) -> None:
+        """A new child for a dead one, started on a thread: a start takes 1-2 s (spawn, imports,
+        building the processors) that the event loop spends on heartbeats and fetching."""
+        async with self._replacing:  # calls failing together start one successor
+            if broken is not self._executor:
+                return
+            log.error("the processing child process died; starting another")
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = await asyncio.get_running_loop().run_in_executor(None, self._start)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
