@@ -428,7 +428,7 @@ def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, tu
             length, pos = _read_varint(data, pos + 1)
         stop = pos + length
         chunk = data[pos:stop]
-        cell = known(chunk)
+        cell = known(chunk)  # _cell, inlined: this loop runs once per value of a response
         if cell is None:
             cell = _decode_cell(data, pos, stop, times)
             cells.put(chunk, cell)
