@@ -72,6 +72,14 @@ _new = object.__new__
 _SORTED = attrgetter("_sorted")
 
 
+def _hash_set(sorted_bytes: bytes) -> set[int]:
+    """The hashes held as little-endian u64 bytes, as a set."""
+    held = array("Q", sorted_bytes)
+    if _BIG_ENDIAN:
+        held.byteswap()
+    return set(held)
+
+
 class DistinctSet:
     """The distinct values seen: exact hashes (``hashes``) or HLL registers (``registers``).
 
@@ -99,10 +107,7 @@ class DistinctSet:
     def hashes(self) -> set[int] | None:
         """The exact hashes (None once the set is HLL registers)."""
         if self._hashes is None and self._sorted is not None:
-            held = array("Q", self._sorted)
-            if _BIG_ENDIAN:
-                held.byteswap()
-            self._hashes = set(held)
+            self._hashes = _hash_set(self._sorted)
         return self._hashes
 
     def add(self, h: int) -> None:
@@ -136,11 +141,8 @@ class DistinctSet:
                 return cls._of_sorted(bodies[0])
             joined = b"".join(bodies)
             if len(joined) <= _SMALL_UNION_BYTES:  # at most EXACT_UP_TO hashes: a Python set is cheapest
-                held = array("Q", joined)
-                if _BIG_ENDIAN:
-                    held.byteswap()
-                made = _new(cls)
-                made._hashes, made._sorted, made.registers = set(held), None, None
+                made = _new(cls)  # not __init__: this is the hot path of every reader
+                made._hashes, made._sorted, made.registers = _hash_set(joined), None, None
                 return made
             bodies = [joined]
         return cls._union_of(bodies, others or [])
@@ -159,13 +161,8 @@ class DistinctSet:
                 held_sets.append(item._hashes)
         if dense is None:
             union = set().union(*held_sets)
-            if not bodies and len(union) <= EXACT_UP_TO:
-                return cls(union)
-            if bodies and len(union) + sum(map(len, bodies)) // 8 <= EXACT_UP_TO:
-                held = array("Q", b"".join(bodies))
-                if _BIG_ENDIAN:
-                    held.byteswap()
-                union.update(held)
+            if len(union) + sum(map(len, bodies)) // 8 <= EXACT_UP_TO:
+                union.update(_hash_set(b"".join(bodies)))
                 return cls(union)
             held_sets = [union]
         if held_sets:
@@ -206,10 +203,7 @@ class DistinctSet:
     def from_bytes(cls, raw: bytes) -> DistinctSet:
         kind = raw[0]
         if kind == _EXACT and len(raw) % 8 == 1:  # to_bytes wrote them sorted and distinct
-            made = _new(cls)
-            made._hashes = made.registers = None
-            made._sorted = raw[1:]
-            return made
+            return cls._of_sorted(raw[1:])
         if kind == _DENSE and len(raw) == _M + 1:
             return cls(None, bytearray(raw[1:]))
         raise ValueError(f"not a distinct set (kind {kind}, {len(raw) - 1} bytes)")
@@ -218,5 +212,5 @@ class DistinctSet:
         return isinstance(other, DistinctSet) and (self.hashes, self.registers) == (other.hashes, other.registers)
 
     def __repr__(self) -> str:
-        form = "registers" if self.registers is not None else f"{self.estimate():.0f} hashes"
+        form = "registers" if self.registers is not None else "exact hashes"
         return f"DistinctSet({form}, ~{self.estimate():.0f})"
