@@ -108,15 +108,12 @@ class TileGroup:
         self._plan = tuple((m.agg.update, off, vi) for m, off, vi in owners)
         # members with equal windows read the same tiles: their range is found once per read
         self._windows = tuple(dict.fromkeys(m.window for m in self.members))
-        self._reads = tuple(
-            (m, off, self._windows.index(m.window)) for m, off in zip(self.members, self.offsets, strict=True)
-        )
         # evaluate's inner loop, with every lookup done once: (name, merge_columns, finalize,
         # cast or None, offset, width, window index, identity IR)
         self._eval_plan = tuple(
-            (m.name, m.agg.merge_columns, m.agg.finalize, None if m.cast is _same else m.cast, off, m.agg.width, wi,
-             m.agg.identity())
-            for m, off, wi in self._reads
+            (m.name, m.agg.merge_columns, m.agg.finalize, None if m.cast is _same else m.cast, off, m.agg.width,
+             self._windows.index(m.window), m.agg.identity())
+            for m, off in zip(self.members, self.offsets, strict=True)
         )
 
     def new_row(self) -> Row:
@@ -144,10 +141,18 @@ class TileGroup:
     def window_ranges(self, starts: Sequence[int], at_ms: int) -> list[int]:
         """Per window of the group, the index range of ``starts`` a read at ``at_ms`` merges
         (as ``evaluate`` finds it without ``partial``), flattened."""
-        out: list[int] = []
+        return [i for a, b, _ in self._ranges(starts, at_ms, None) for i in (a, b)]
+
+    def _ranges(self, starts: Sequence[int], at_ms: int, partial_start: int | None) -> list[tuple[int, int, bool]]:
+        """Per window, (first, end) indices into ``starts`` of the tiles a read at ``at_ms``
+        merges, and whether the partial row (of the tile at ``partial_start``) replaces the
+        stored tile there."""
+        out = []
         for window in self._windows:
             lo, hi = window.tile_range(at_ms)
-            out += (bisect_left(starts, lo), bisect_right(starts, hi))
+            with_partial = partial_start is not None and lo <= partial_start <= hi
+            out.append((bisect_left(starts, lo), bisect_right(starts, partial_start - 1 if with_partial else hi),
+                        with_partial))
         return out
 
     def oldest_needed(self, at_ms: int) -> int:
@@ -171,16 +176,9 @@ class TileGroup:
         edge); without it, every tile in range is merged as stored.
         """
         c = at_ms - at_ms % self.tile_ms if self.tile_ms else 0
-        ranges: list[tuple[int, int, bool] | None] = [None] * len(self._windows)
+        ranges = self._ranges(starts, at_ms, c if partial is not None else None)
         for name, merge, finalize, cast, o, w, wi, identity in self._eval_plan:
-            found = ranges[wi]
-            if found is None:
-                lo, hi = self._windows[wi].tile_range(at_ms)
-                with_partial = partial is not None and lo <= c <= hi
-                found = ranges[wi] = (
-                    bisect_left(starts, lo), bisect_right(starts, c - 1 if with_partial else hi), with_partial
-                )
-            a, b, with_partial = found
+            a, b, with_partial = ranges[wi]
             if with_partial:
                 assert partial is not None
                 ir = merge([(*col[a:b], p) for col, p in zip(cols[o : o + w], partial[o : o + w], strict=True)])
