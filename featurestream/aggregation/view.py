@@ -232,10 +232,9 @@ class ViewAggregator:
         ``at``, values depend on the read time only through which stored tiles each window
         covers, so a read in a new minute whose windows lost no tile (most entities, most
         minutes) keeps its values. ``columns``: ``self.columns(state)``."""
-        key = self.evaluation_key(state, at)
-        if key[-1]:  # head events pending: they add tiles of their own, keep the coarse key
-            return key
         at_ms = to_millis(at)
+        if any(rec[0] <= at_ms for rec in state.head):  # they add tiles of their own: the coarse key
+            return self.evaluation_key(state, at)
         ranges: list[int] = []
         for group, (starts, _) in zip(self.layout.groups, columns, strict=True):
             ranges.extend(group.window_ranges(starts, at_ms))
