@@ -134,6 +134,8 @@ def start_postgres(port: int, log: Path, data_dir: Path) -> StartedService:
     """
     bin_dir = binaries.postgres_bin_dir()
     user = _pg_user()
+    if user is not None:
+        _let_traverse(bin_dir)
     if not (data_dir / "PG_VERSION").exists():
         _initdb(bin_dir, data_dir, user, log)
     argv: list[str | Path] = [
@@ -199,7 +201,13 @@ def _grant_to(user: str, data_dir: Path) -> None:
     entry = pwd.getpwnam(user)
     os.chown(data_dir, entry.pw_uid, entry.pw_gid)
     data_dir.chmod(0o700)
-    for parent in data_dir.resolve().parents:
+    _let_traverse(data_dir)
+
+
+def _let_traverse(path: Path) -> None:
+    """Let every user traverse (not list) the directories above ``path``: the unprivileged
+    PostgreSQL user must reach its data and its binaries, e.g. in a venv under a 0700 checkout."""
+    for parent in path.resolve().parents:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             parent.chmod(mode | 0o001)
