@@ -118,11 +118,12 @@ def _online_section(online: dict[str, Any]) -> list[str]:
              "come up often.", ""]
     check = online.get("value_check")
     if check:
-        lines += ["Before measuring, each client's answers for 40 users (1x6 and 1x50) were compared with the "
-                  "snapshot values Feast holds (share equal): "
+        lines += ["Before measuring, each client's answers for 40 users (1x6 and 1x50) were checked (share "
+                  "right): "
                   + ", ".join(f"{online['labels'][k]} {100 * v:.1f}%" for k, v in check.items())
-                  + ". Feast serves the snapshot, so 100% there; featurestream evaluates windows at request "
-                  "time, so a short window that lost an event since the snapshot differs.", ""]
+                  + ". Feast's against the snapshot it materialized. featurestream evaluates windows at "
+                  "request time (a window that lost an event since the snapshot differs from it), so its "
+                  "answers are checked against the in-process service read just before and just after.", ""]
     for case in online["cases"]:
         calls = case["calls_per_round"] * case["rounds"]
         lines += [f"### {case['name']}: {case['entities']} entit{'y' if case['entities'] == 1 else 'ies'} x "

@@ -329,7 +329,8 @@ def decode_rows(data: bytes, with_timestamp: bool = False) -> tuple[list[str], l
     cell wherever they come, so each distinct one is decoded once and then found in a memo, and
     a row's values seen before as the same bytes are found whole (a 100 x 50 response seen
     before takes about a twelfth of decoding through the generated classes). Each cell is a new
-    dict: callers may change what they get."""
+    dict, a copy of the memo's (callers may change what they get): a row of known values is
+    built by ``dict.copy`` and ``zip`` in C, not a Python loop per value."""
     names: list[str] = []
     out: list[dict[str, Any]] = []
     cells = _CELLS
@@ -350,17 +351,19 @@ def decode_rows(data: bytes, with_timestamp: bool = False) -> tuple[list[str], l
     return names, out
 
 
-_CELLS: Generations[bytes, tuple[Any, str, str | None]] = Generations(65_536)
+Cell = dict[str, Any]
+"""``{"value", "status", "event_time"}``; the memos hold templates, callers get copies."""
+_CELLS: Generations[bytes, Cell] = Generations(65_536)
 """Decoded cells by their bytes, shared by every response this process decodes."""
-_ROW_CELLS: Generations[bytes, tuple[tuple[Any, str, str | None], ...]] = Generations(4_096)
+_ROW_CELLS: Generations[bytes, tuple[Cell, ...]] = Generations(4_096)
 """A row's cells by the bytes of all its values: an entity whose values did not change since
 (the server then sends the very same bytes) costs one lookup, not one per value."""
 
 
-def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Generations[bytes, tuple[Any, str, str | None]],
+def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Generations[bytes, Cell],
                 times: dict[bytes, str], with_timestamp: bool) -> dict[str, Any]:
     entity: dict[str, str] = {}
-    features: dict[str, dict[str, Any]] = {}
+    features: dict[str, Cell] = {}
     stamp: str | None = None
     index = 0
     while pos < end:
@@ -375,8 +378,7 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
             if row_cells is not None:
                 if len(row_cells) > len(names):
                     raise ValueError(f"FeatureRows: a row has {len(row_cells)} values for {len(names)} feature names")
-                for name, known in zip(names, row_cells, strict=False):
-                    features[name] = {"value": known[0], "status": known[1], "event_time": known[2]}
+                features = dict(zip(names, map(_copy_cell, row_cells), strict=False))
                 break
         if tag & 0x87 != 0x02:
             pos = _skip_field(data, pos)
@@ -384,8 +386,7 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
         length, pos = _read_varint(data, pos + 1)
         stop = pos + length
         if tag == 0x1A:  # a FeatureValue
-            cell = _cell(data, pos, stop, cells, times)
-            features[names[index]] = {"value": cell[0], "status": cell[1], "event_time": cell[2]}
+            features[names[index]] = _cell(data, pos, stop, cells, times).copy()
             index += 1
         elif tag == 0x0A:  # the EntityKey: map entries {1: key, 2: value}
             while pos < stop:
@@ -402,7 +403,7 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
                     else:
                         value = text
                 entity[key] = value
-        elif tag == 0x12:
+        elif tag == 0x12 and with_timestamp:
             stamp = _iso_event(*_read_timestamp(data, pos, stop))
         pos = stop
     row: dict[str, Any] = {"entity": entity}
@@ -412,8 +413,8 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
     return row
 
 
-def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, tuple[Any, str, str | None]],
-                   times: dict[bytes, str]) -> tuple[tuple[Any, str, str | None], ...] | None:
+def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, Cell],
+                   times: dict[bytes, str]) -> tuple[Cell, ...] | None:
     """The cells of a run of FeatureValue fields up to ``end``; None if another field is among them."""
     out = []
     append = out.append
@@ -437,8 +438,7 @@ def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, tu
     return tuple(out)
 
 
-def _cell(data: bytes, pos: int, end: int, cells: Generations[bytes, tuple[Any, str, str | None]],
-          times: dict[bytes, str]) -> tuple[Any, str, str | None]:
+def _cell(data: bytes, pos: int, end: int, cells: Generations[bytes, Cell], times: dict[bytes, str]) -> Cell:
     """The FeatureValue in ``data[pos:end]``, from the memo of cells or decoded into it."""
     chunk = data[pos:end]
     cell = cells.get(chunk)
@@ -448,7 +448,7 @@ def _cell(data: bytes, pos: int, end: int, cells: Generations[bytes, tuple[Any, 
     return cell
 
 
-def _decode_cell(data: bytes, pos: int, end: int, times: dict[bytes, str]) -> tuple[Any, str, str | None]:
+def _decode_cell(data: bytes, pos: int, end: int, times: dict[bytes, str]) -> Cell:
     value: Any = None
     status = 0
     event_time: str | None = None
@@ -470,7 +470,10 @@ def _decode_cell(data: bytes, pos: int, end: int, times: dict[bytes, str]) -> tu
             if event_time is None:
                 event_time = times[raw] = _iso_event(*_read_timestamp(data, pos, stop))
         pos = stop
-    return value, STATUS_NAMES.get(status, "UNSPECIFIED"), event_time
+    return {"value": value, "status": STATUS_NAMES.get(status, "UNSPECIFIED"), "event_time": event_time}
+
+
+_copy_cell = dict.copy
 
 
 def _decode_value(data: bytes, pos: int, end: int) -> Any:
