@@ -1,9 +1,12 @@
 """A bare Faust agent that only counts events: the framework's ceiling for ``featurestream worker``.
 
 Same Faust settings as the worker (raw serializers, memory store, no topic declaration, the
-same ``take_events`` batching), no processing. Run as a script by ``bench/ingest.py``:
+same ``take_events`` batching), no processing, and Faust's own consumer; ``--worker-consumer``:
+the worker's tuning of Faust instead (``tune_faust``: its consumer's fetch wait, messages handed
+to the stream without Faust's per-message tasks when the stream has room, no per-message
+statistics in Faust's monitor). Run as a script by ``bench/ingest.py``:
 
-    python bench/_faust_bare.py BOOTSTRAP TOPIC PARTITIONS EXPECTED BATCH WITHIN OUT.json [--per-event]
+    python bench/_faust_bare.py BOOTSTRAP TOPIC PARTITIONS EXPECTED BATCH WITHIN OUT.json [--per-event] [--worker-consumer]
 
 Writes ``{"count", "first_s", "first_batch", "last_s", "first_cpu", "last_cpu"}`` (wall-clock and
 process CPU seconds) to OUT.json once EXPECTED events have arrived, then exits.
@@ -37,6 +40,10 @@ def main() -> None:
         topic_disable_leader=True,
         web_enabled=False,
     )
+    if "--worker-consumer" in sys.argv[8:]:
+        from featurestream.stream_jobs.app import WorkerSettings, tune_faust
+
+        tune_faust(app, WorkerSettings("", "", "").fetch_max_wait_ms)
     topic = app.topic(topic_name, value_type=bytes, key_type=bytes, partitions=int(partitions))
     want = int(expected)
     seen: dict[str, Any] = {"count": 0, "first_s": None, "first_batch": 0, "last_s": None,
