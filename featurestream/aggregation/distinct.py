@@ -129,11 +129,11 @@ class DistinctSet:
     def union(cls, sets: Iterable[DistinctSet | None]) -> DistinctSet | None:
         """A new set holding every input's values (None when there is none); inputs unchanged."""
         items = [item for item in sets if item is not None]
-        bodies: list[bytes | None] = list(map(_SORTED, items))
+        held: list[bytes | None] = list(map(_SORTED, items))
         others: list[DistinctSet] | None = None
-        if None in bodies:  # not the common case (every input an exact set read from bytes)
-            others = [item for item, body in zip(items, bodies, strict=True) if body is None]
-            bodies = [body for body in bodies if body is not None]
+        if None in held:  # not the common case (every input an exact set read from bytes)
+            others = [item for item, body in zip(items, held, strict=True) if body is None]
+        bodies = [body for body in held if body is not None]
         if others is None:
             if not bodies:
                 return None

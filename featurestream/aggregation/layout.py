@@ -150,9 +150,8 @@ class TileGroup:
         out = []
         for window in self._windows:
             lo, hi = window.tile_range(at_ms)
-            with_partial = partial_start is not None and lo <= partial_start <= hi
-            out.append((bisect_left(starts, lo), bisect_right(starts, partial_start - 1 if with_partial else hi),
-                        with_partial))
+            end = hi if partial_start is None or not lo <= partial_start <= hi else partial_start - 1
+            out.append((bisect_left(starts, lo), bisect_right(starts, end), end != hi))
         return out
 
     def oldest_needed(self, at_ms: int) -> int:

@@ -242,7 +242,7 @@ class ViewAggregator:
         return tuple(ranges)
 
     @staticmethod
-    def _with_head(group: TileGroup, tiles: dict[int, Row], pending: list[HeadEvent]) -> dict[int, Row]:
+    def _with_head(group: TileGroup, tiles: dict[int, Row], pending: Sequence[HeadEvent]) -> dict[int, Row]:
         """A copy of ``tiles`` with the pending head events merged in (the state is untouched)."""
         fresh: dict[int, Row] = {}
         tile = group.tile_ms

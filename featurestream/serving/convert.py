@@ -416,7 +416,7 @@ def _decode_row(data: bytes, pos: int, end: int, names: list[str], cells: Genera
 def _decode_values(data: bytes, pos: int, end: int, cells: Generations[bytes, Cell],
                    times: dict[bytes, str]) -> tuple[Cell, ...] | None:
     """The cells of a run of FeatureValue fields up to ``end``; None if another field is among them."""
-    out = []
+    out: list[Cell] = []
     append = out.append
     known = cells.get
     while pos < end:

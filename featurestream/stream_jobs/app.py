@@ -65,7 +65,7 @@ def tune_faust(app: faust.App, fetch_max_wait_ms: int) -> None:
     """The worker's Faust, before it starts: our consumer (``_consumer_class``) and a monitor
     that skips Faust's per-message statistics (the worker exports its own metrics)."""
     app.transport.Consumer = _consumer_class(fetch_max_wait_ms)  # type: ignore[misc]  # this app's only
-    app.conf.Monitor = QuietMonitor
+    app.conf.Monitor = QuietMonitor  # type: ignore[assignment]  # faust types the setting loosely
 
 
 class QuietMonitor(Monitor):
@@ -108,6 +108,10 @@ def _consumer_class(fetch_max_wait_ms: int) -> type[Any]:
 class InlineFirstStep:
     """For a ``mode.Service`` with a ``suspend_flow`` event (Faust's consumer)."""
 
+    suspend_flow: Any  # events of asyncio or of mode
+    _stopped: Any
+    _crashed: Any
+
     async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:
         """Faust hands each message to the streams as ``wait_first(callback(message),
         suspend_flow.wait())``: four tasks, a wait and three cancellations per message, a
@@ -117,7 +121,7 @@ class InlineFirstStep:
         first = coros[0] if coros else None
         if (timeout is not None or len(coros) != 2 or not inspect.iscoroutine(first)
                 or self.suspend_flow.is_set() or self._stopped.is_set() or self._crashed.is_set()):
-            return await super().wait_first(*coros, timeout=timeout)
+            return await super().wait_first(*coros, timeout=timeout)  # type: ignore[misc]  # the Service's
         try:
             waiting_on = first.send(None)
         except BaseException as exc:
@@ -126,7 +130,7 @@ class InlineFirstStep:
             if isinstance(exc, StopIteration):
                 return WaitResults([first], [exc.value], False)
             raise
-        return await super().wait_first(_Started(first, waiting_on), coros[1])
+        return await super().wait_first(_Started(first, waiting_on), coros[1])  # type: ignore[misc]
 
 
 class _Started:
