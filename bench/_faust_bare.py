@@ -4,7 +4,8 @@ Same Faust settings as the worker (raw serializers, memory store, no topic decla
 same ``take_events`` batching), no processing, and Faust's own consumer; ``--worker-consumer``:
 the worker's tuning of Faust instead (``tune_faust``: its consumer's fetch wait, messages handed
 to the stream without Faust's per-message tasks when the stream has room, no per-message
-statistics in Faust's monitor). Run as a script by ``bench/ingest.py``:
+statistics in Faust's monitor; ``source_topic``: raw events made without serializer lookups).
+Run as a script by ``bench/ingest.py``:
 
     python bench/_faust_bare.py BOOTSTRAP TOPIC PARTITIONS EXPECTED BATCH WITHIN OUT.json [--per-event] [--worker-consumer]
 
@@ -41,10 +42,12 @@ def main() -> None:
         web_enabled=False,
     )
     if "--worker-consumer" in sys.argv[8:]:
-        from featurestream.stream_jobs.app import WorkerSettings, tune_faust
+        from featurestream.stream_jobs.app import WorkerSettings, source_topic, tune_faust
 
         tune_faust(app, WorkerSettings("", "", "").fetch_max_wait_ms)
-    topic = app.topic(topic_name, value_type=bytes, key_type=bytes, partitions=int(partitions))
+        topic = source_topic(app, topic_name, int(partitions))
+    else:
+        topic = app.topic(topic_name, value_type=bytes, key_type=bytes, partitions=int(partitions))
     want = int(expected)
     seen: dict[str, Any] = {"count": 0, "first_s": None, "first_batch": 0, "last_s": None,
                             "first_cpu": None, "last_cpu": None}

@@ -124,13 +124,16 @@ def test_kill_9_of_the_processing_child_loses_nothing(project: Project, workers:
     events = demo_events(5000, seed=14)
     valid = sum(e.well_formed for e in events)
     worker = workers.start()
-    thread = threading.Thread(target=produce, args=(project, events), kwargs={"rate": 1500})
+    first, rest = events[: len(events) // 2], events[len(events) // 2 :]
+    thread = threading.Thread(target=produce, args=(project, first), kwargs={"rate": 1500})
     thread.start()
     wait_for(lambda: archived(project) > valid // 4, 90, workers, "a quarter of the events")
     child = psutil.Process(_processing_child(workers))
     assert child.ppid() == worker.pid
     child.kill()
     thread.join(60)
+    # the rest only now: a fast worker may have stored every event of the first half already
+    produce(project, rest, rate=1500)
     wait_for(lambda: archived(project) >= valid, 120, workers, f"{valid} archived events after the child died")
     assert worker.poll() is None, workers.logs()
     assert "the processing child process died" in workers.log_text()

@@ -6,9 +6,9 @@ import asyncio
 import inspect
 
 import faust
-from faust.types import TP
+from faust.types import TP, Message
 
-from featurestream.stream_jobs.app import QuietMonitor, _consumer_class, tune_faust
+from featurestream.stream_jobs.app import QuietMonitor, _consumer_class, source_topic, tune_faust
 
 
 def test_the_consumer_fetch_wait_is_the_configured_one() -> None:
@@ -134,3 +134,21 @@ def test_the_tuned_app_keeps_no_per_message_statistics_but_tracks_commits() -> N
     assert monitor.messages_received_total == 0 and monitor.events_total == 0
     monitor.on_tp_commit({tp: 5})
     assert monitor.tp_committed_offsets[tp] == 5
+
+
+def test_a_source_topic_makes_the_events_fausts_raw_codec_makes() -> None:
+    async def decoded() -> list[tuple[object, object, object]]:
+        app = faust.App("featurestream-test-raw", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False)
+        ours = source_topic(app, "transactions", 4)
+        fausts = app.topic("transactions", value_type=bytes, key_type=bytes, value_serializer="raw", key_serializer="raw")
+        out = []
+        for key, value in ((b"u_1", b'{"amount": 3}'), (None, b"\xff\x00 not json"), (b"k", None)):
+            message = Message("transactions", 2, 17, 1_700_000_000.0, 0, [("h", b"1")], key, value, None)
+            for topic in (ours, fausts):
+                event = await topic.decode(message, propagate=True)
+                out.append((event.key, event.value, event.message is message))
+        return out
+
+    got = asyncio.run(decoded())
+    assert got[0::2] == got[1::2]  # ours, then Faust's, for each message
+    assert got[0] == (b"u_1", b'{"amount": 3}', True) and got[4] == (b"k", None, True)
