@@ -21,7 +21,7 @@ from array import array
 from collections.abc import Iterable
 from hashlib import blake2b
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -133,7 +133,9 @@ class DistinctSet:
         others: list[DistinctSet] | None = None
         if None in held:  # not the common case (every input an exact set read from bytes)
             others = [item for item, body in zip(items, held, strict=True) if body is None]
-        bodies = [body for body in held if body is not None]
+            bodies = [body for body in held if body is not None]
+        else:
+            bodies = cast(list[bytes], held)  # no copy: this is every reader's hot path
         if others is None:
             if not bodies:
                 return None
