@@ -1,13 +1,13 @@
 """A bare Faust agent that only counts events: the framework's ceiling for ``featurestream worker``.
 
 Same Faust settings as the worker (raw serializers, memory store, no topic declaration, the
-same ``take_events`` batching), no processing, and Faust's own consumer; ``--worker-consumer``:
+same ``take_events`` batching), no processing, and Faust's own consumer; ``--worker-tuning``:
 the worker's tuning of Faust instead (``tune_faust``: its consumer's fetch wait, messages handed
 to the stream without Faust's per-message tasks when the stream has room, no per-message
 statistics in Faust's monitor; ``source_topic``: raw events made without serializer lookups).
 Run as a script by ``bench/ingest.py``:
 
-    python bench/_faust_bare.py BOOTSTRAP TOPIC PARTITIONS EXPECTED BATCH WITHIN OUT.json [--per-event] [--worker-consumer]
+    python bench/_faust_bare.py BOOTSTRAP TOPIC PARTITIONS EXPECTED BATCH WITHIN OUT.json [--per-event] [--worker-tuning]
 
 Writes ``{"count", "first_s", "first_batch", "last_s", "first_cpu", "last_cpu"}`` (wall-clock and
 process CPU seconds) to OUT.json once EXPECTED events have arrived, then exits.
@@ -41,10 +41,10 @@ def main() -> None:
         topic_disable_leader=True,
         web_enabled=False,
     )
-    if "--worker-consumer" in sys.argv[8:]:
+    if "--worker-tuning" in sys.argv[8:]:
         from featurestream.stream_jobs.app import WorkerSettings, source_topic, tune_faust
 
-        tune_faust(app, WorkerSettings("", "", "").fetch_max_wait_ms)
+        tune_faust(app, WorkerSettings.fetch_max_wait_ms)  # the worker's default
         topic = source_topic(app, topic_name, int(partitions))
     else:
         topic = app.topic(topic_name, value_type=bytes, key_type=bytes, partitions=int(partitions))

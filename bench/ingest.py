@@ -11,7 +11,8 @@ Phases (bench/README.md describes the method and the figures measured here):
 3. bare Faust: an agent with the worker's Faust settings and batching that only counts them
    (the framework ceiling), in its own process; then the same with the worker's tuning of Faust
    (``tune_faust``: messages handed to the stream without Faust's per-message tasks, no
-   per-message statistics; the ceiling of the worker's own configuration);
+   per-message statistics; ``source_topic``: raw events without serializer lookups; the
+   ceiling of the worker's own configuration);
 4. worker: ``featurestream worker`` in its own process reads the same topic into Redis and
    PostgreSQL (archive + history); its rate is the valid events applied per second between the
    first and the last observation of its ``featurestream_events_total`` counter;
@@ -151,11 +152,11 @@ def raw_consume(kafka: str, topic: str, expected: int) -> dict[str, float]:
 
 
 def faust_bare(kafka: str, topic: str, partitions: int, expected: int, batch: int, within: float,
-               work: Path, per_event: bool = False, timeout: float = 180, worker_consumer: bool = False) -> dict[str, float]:
+               work: Path, per_event: bool = False, timeout: float = 180, tuned: bool = False) -> dict[str, float]:
     out = work / f"faust-bare-{uuid.uuid4().hex[:6]}.json"
     argv = [sys.executable, str(HERE / "_faust_bare.py"), kafka, topic, str(partitions), str(expected),
             str(batch), str(within), str(out)] + (["--per-event"] if per_event else []) + (
-            ["--worker-consumer"] if worker_consumer else [])
+            ["--worker-tuning"] if tuned else [])
     logfile = (work / "faust-bare.log").open("ab")
     proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
     try:
@@ -483,7 +484,7 @@ def main() -> None:
         produce_rate = preload(stack.kafka, source.topic, events)
         log(f"preloaded {events_n} events ({valid} valid) at {produce_rate:,.0f}/s")
 
-        raw = faust = faust_pe = faust_wc = None
+        raw = faust = faust_pe = faust_tuned = None
         loads = [_load()]
         if "raw" not in skip:
             raw = raw_consume(stack.kafka, source.topic, events_n)
@@ -492,9 +493,9 @@ def main() -> None:
             faust = faust_bare(stack.kafka, source.topic, source.partitions, events_n, args.batch_size,
                                args.batch_within, work, timeout=phase_timeout)
             log(f"bare Faust agent (take_events {args.batch_size}, within {args.batch_within}s): {_rate(faust)}")
-            faust_wc = faust_bare(stack.kafka, source.topic, source.partitions, events_n, args.batch_size,
-                                  args.batch_within, work, timeout=phase_timeout, worker_consumer=True)
-            log(f"bare Faust agent with the worker's tuning: {_rate(faust_wc)}")
+            faust_tuned = faust_bare(stack.kafka, source.topic, source.partitions, events_n, args.batch_size,
+                                  args.batch_within, work, timeout=phase_timeout, tuned=True)
+            log(f"bare Faust agent with the worker's tuning: {_rate(faust_tuned)}")
             if args.faust_per_event:
                 faust_pe = faust_bare(stack.kafka, source.topic, source.partitions, events_n, 0, 0, work,
                                       per_event=True, timeout=phase_timeout)
@@ -565,8 +566,8 @@ def main() -> None:
                 "worker": w["per_cpu_s"],
             },
             "faust_bare_per_event_per_s": faust_pe["per_s"] if faust_pe else None,
-            "faust_bare_tuned_per_s": faust_wc["per_s"] if faust_wc else None,
-            "ratio_to_faust_bare_tuned": w["per_s"] / faust_wc["per_s"] if faust_wc else None,
+            "faust_bare_tuned_per_s": faust_tuned["per_s"] if faust_tuned else None,
+            "ratio_to_faust_bare_tuned": w["per_s"] / faust_tuned["per_s"] if faust_tuned else None,
             "worker_complete": w["complete"],
             "worker_mean_batch": mean_batch,
             "worker_cpu_us_per_event": w["cpu_us_per_event"],
@@ -586,7 +587,7 @@ def main() -> None:
               f"load average {' / '.join(f'{x:.1f}' for x in loads)}")
         print(f"  {'':<24} {'events/s':>10} {'per CPU-second':>15}")
         for label, phase in (("raw aiokafka consumer", raw), ("bare Faust agent", faust),
-                             ("  with worker's tuning", faust_wc), ("worker end to end", w)):
+                             ("  with worker's tuning", faust_tuned), ("worker end to end", w)):
             if phase is None:
                 print(f"  {label:<24} {'-':>10}")
             else:
@@ -598,8 +599,8 @@ def main() -> None:
             cpu_ratio = (w["per_cpu_s"] / faust["per_cpu_s"]) if w["per_cpu_s"] and faust["per_cpu_s"] else None
             print(f"  worker / bare Faust      {w['per_s'] / faust['per_s']:>10.3f} "
                   f"{'' if cpu_ratio is None else f'{cpu_ratio:>15.3f}'}")
-        if faust_wc:
-            print(f"  worker / the same, tuned {w['per_s'] / faust_wc['per_s']:>10.3f}")
+        if faust_tuned:
+            print(f"  worker / the same, tuned {w['per_s'] / faust_tuned['per_s']:>10.3f}")
         if fresh and fresh["p50_ms"] is not None:
             print(f"  freshness at {args.rate:,.0f}/s: p50 {fresh['p50_ms']:.1f} ms, p99 {fresh['p99_ms']:.1f} ms "
                   f"({fresh['probes']} probes, {fresh['unseen']} unseen)")
